@@ -1,0 +1,5 @@
+"""data.py: not written yet (tracked in issue #6). Running it fails loudly instead of pretending."""
+import sys
+
+if __name__ == "__main__":
+    sys.exit("data.py is not written yet (issue #6); see README.md for what works today.")
