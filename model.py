@@ -1,5 +1,391 @@
-"""model.py: not written yet (tracked in issue #3). Running it fails loudly instead of pretending."""
-import sys
+"""
+The backbone and heads of the recipe: a DINOv2-compatible Vision Transformer (ViT-S/B/L/giant2, optional
+register tokens, MLP or SwiGLU FFN, LayerScale, stochastic depth) on torch's scaled_dot_product_attention,
+the DINO/iBOT projection head, and one loader for every checkpoint layout a user has.
 
-if __name__ == "__main__":
-    sys.exit("model.py is not written yet (issue #3); see README.md for what works today.")
+Parameter names and shapes are exactly those of Meta's DINOv2 hub checkpoints (no block chunking), so
+`dinov2_vitg14_reg4_pretrain.pth` loads with strict=True and our teacher exports load into DINOv2's own code.
+References: DINOv2 (Oquab et al. 2023, facebookresearch/dinov2), registers (Darcet et al. 2023).
+"""
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# DINOv2's sizes; head_dim is 64 in all of them
+ARCHS = {
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24),
+}
+
+# -----------------------------------------------------------------------------
+# leaf modules
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)  # rows ordered [q; k; v], heads contiguous
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)  # scale head_dim**-0.5; flash/cuDNN/mem-efficient on GPU
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as nn.GELU()
+
+
+class SwiGLU(nn.Module):
+    """DINOv2's fused SwiGLU: one packed w12 = [w1 (gate); w2], out = w3(silu(x1) * x2)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+def swiglu_hidden(dim, mlp_ratio=4.0):
+    # DINOv2's SwiGLUFFNFused sizing: 2/3 of the MLP width rounded up to a multiple of 8 (4096 for giant2)
+    return (int(dim * mlp_ratio * 2 / 3) + 7) // 8 * 8
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init_value):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+def drop_path(x, p, training):
+    """Ordinary per-sample stochastic depth (Huang et al. 2016): zero a sample's branch, rescale the rest."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+def add_residual_on_subset(x, branch, p):
+    """DINOv2's batch-subset stochastic depth: the branch runs on a random subset of max(int(b(1-p)), 1) samples
+    only and is added to them scaled by b / subset, so its compute shrinks by the drop rate (p 0.4: 57 of 96)."""
+    b = x.shape[0]
+    subset = max(int(b * (1 - p)), 1)
+    keep = torch.randperm(b, device=x.device)[:subset]
+    residual = branch(x[keep])
+    out = torch.index_add(x.flatten(1), 0, keep, residual.flatten(1).to(x.dtype), alpha=b / subset)
+    return out.view_as(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(ffn(norm2(x)))."""
+
+    def __init__(self, dim, num_heads, ffn, mlp_ratio, layerscale_init, drop_path_rate):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim, layerscale_init)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio)) if ffn == "swiglu" else Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layerscale_init)
+        self.drop_path_rate = drop_path_rate
+
+    def attn_branch(self, x):
+        return self.ls1(self.attn(self.norm1(x)))
+
+    def ffn_branch(self, x):
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    def forward(self, x):
+        p = self.drop_path_rate if self.training else 0.0
+        if p > 0.1:  # DINOv2 switches to the batch-subset version above 0.1 (the recipe's student uses 0.4)
+            x = add_residual_on_subset(x, self.attn_branch, p)
+            return add_residual_on_subset(x, self.ffn_branch, p)
+        x = x + drop_path(self.attn_branch(x), p, self.training)
+        return x + drop_path(self.ffn_branch(x), p, self.training)
+
+
+def resize_pos_embed(pos_embed, grid_hw, antialias=True, offset=0.0):
+    """Resize the patch part of a (1, 1 + G*G, D) pos-embed to grid_hw = (h, w), as DINOv2 does: in float32,
+    bicubic, with antialias (hub reg4 models: True, offset 0; DINOv2's training default: False, offset 0.1)."""
+    dtype = pos_embed.dtype
+    pos_embed = pos_embed.float()
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    G, D = int(math.sqrt(patch_pos.shape[1])), patch_pos.shape[2]
+    assert G * G == patch_pos.shape[1], f"pos_embed of {patch_pos.shape[1]} patches is not a square grid"
+    size = dict(size=tuple(grid_hw)) if offset == 0 else dict(scale_factor=tuple((g + offset) / G for g in grid_hw))
+    patch_pos = F.interpolate(patch_pos.reshape(1, G, G, D).permute(0, 3, 1, 2), mode="bicubic",
+                              antialias=antialias, align_corners=False, **size)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, D)
+    return torch.cat([cls_pos, patch_pos], dim=1).to(dtype)
+
+
+# -----------------------------------------------------------------------------
+# the backbone
+
+
+class ViT(nn.Module):
+    def __init__(self, arch="vit_small", img_size=224, patch_size=14, num_register_tokens=4, ffn="mlp",
+                 mlp_ratio=4.0, layerscale_init=1e-5, drop_path_rate=0.0, drop_path_uniform=True,
+                 interpolate_antialias=True, interpolate_offset=0.0, grad_checkpointing=False):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+        if ffn not in ("mlp", "swiglu"):
+            raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {ffn!r}")
+        D, depth, heads = ARCHS[arch]["embed_dim"], ARCHS[arch]["depth"], ARCHS[arch]["num_heads"]
+        self.arch, self.embed_dim, self.patch_size, self.ffn = arch, D, patch_size, ffn
+        self.num_register_tokens = num_register_tokens
+        self.interpolate_antialias, self.interpolate_offset = interpolate_antialias, interpolate_offset
+        self.grad_checkpointing = grad_checkpointing
+        grid = img_size // patch_size  # the stored pos-embed grid: 518 -> 37 (hub files), 224 -> 16 (training)
+
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, D, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, D))  # cls + patches; registers get none
+        self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, D)) if num_register_tokens else None
+        self.mask_token = nn.Parameter(torch.zeros(1, D))
+        rates = [drop_path_rate] * depth if drop_path_uniform else torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(Block(D, heads, ffn, mlp_ratio, layerscale_init, r) for r in rates)
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.init_weights()
+
+    def init_weights(self):
+        # DINOv2's init; all of it is overwritten when pretrained weights are loaded
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def prepare_tokens(self, x, masks=None):
+        B, _, H, W = x.shape
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        if masks is not None:  # masked patches become mask_token *before* the pos-embed is added
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
+        x = x + self.interpolate_pos_encoding(x, H, W)
+        if self.register_tokens is not None:  # [cls, registers, patches]
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]], dim=1)
+        return x
+
+    def interpolate_pos_encoding(self, x, H, W):
+        grid_hw = (H // self.patch_size, W // self.patch_size)
+        if x.shape[1] - 1 == self.pos_embed.shape[1] - 1 and H == W:
+            return self.pos_embed.to(x.dtype)
+        return resize_pos_embed(self.pos_embed, grid_hw, self.interpolate_antialias,
+                                self.interpolate_offset).to(x.dtype)
+
+    def forward_features(self, x, masks=None):
+        """x: (B, 3, H, W) or a list of such tensors (e.g. [global crops, local crops]; then masks is a list too).
+        Returns DINOv2's dict (a list of dicts for a list input)."""
+        if isinstance(x, (list, tuple)):
+            masks = masks if masks is not None else [None] * len(x)
+            # each size runs through the blocks as its own batch: one call, same maths as separate calls
+            tokens = [self.prepare_tokens(xi, mi) for xi, mi in zip(x, masks)]
+            for blk in self.blocks:
+                tokens = [self.run_block(blk, t) for t in tokens]
+            return [self.output_dict(t, m) for t, m in zip(tokens, masks)]
+        t = self.prepare_tokens(x, masks)
+        for blk in self.blocks:
+            t = self.run_block(blk, t)
+        return self.output_dict(t, masks)
+
+    def run_block(self, blk, x):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, x, use_reentrant=False)  # RNG state is replayed, so drop-path subsets match
+        return blk(x)
+
+    def output_dict(self, x, masks):
+        x_norm = self.norm(x)
+        r = self.num_register_tokens
+        return {
+            "x_norm_clstoken": x_norm[:, 0],
+            "x_norm_regtokens": x_norm[:, 1:r + 1],
+            "x_norm_patchtokens": x_norm[:, r + 1:],
+            "x_prenorm": x,
+            "masks": masks,
+        }
+
+    def forward(self, x):
+        return self.forward_features(x)["x_norm_clstoken"]  # DINOv2's eval output: head = Identity
+
+
+# -----------------------------------------------------------------------------
+# the DINO / iBOT projection head
+
+
+class WeightNormLinear(nn.Module):
+    """Linear without bias, weight = g * v / ||v|| per output row (Salimans & Kingma 2016). Written out rather
+    than torch.nn.utils.weight_norm so that the parameter names stay DINOv2's `weight_g` / `weight_v`."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        v = nn.Linear(in_dim, out_dim, bias=False).weight.detach()  # PyTorch's default init, as DINOv2
+        self.weight_v = nn.Parameter(v.clone())
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))  # DINOv2 fills g with 1 and keeps it trainable
+
+    def forward(self, x):
+        w = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
+        return F.linear(x, w.to(x.dtype))
+
+
+class DINOHead(nn.Module):
+    """MLP in -> hidden -> hidden -> bottleneck (GELU), L2-normalise, weight-normed layer to K prototypes."""
+
+    def __init__(self, in_dim, n_prototypes=131072, hidden_dim=2048, bottleneck_dim=384):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, n_prototypes)
+
+    def forward(self, x):
+        x = self.mlp(x)
+        x = F.normalize(x, dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+        return self.last_layer(x)
+
+
+# -----------------------------------------------------------------------------
+# one loader for every checkpoint layout
+
+
+def backbone_state_dict(obj):
+    """Return the backbone state dict in the hub layout from any checkpoint we know:
+    - a DINOv2 hub file (plain state dict);
+    - OpenMidnight's teacher_checkpoint.pth ({"teacher": {"backbone.blocks.<chunk>.<i>.*", "dino_head.*", ...}});
+    - this project's training checkpoint ({"teacher": {...}, "student": ..., "args": ...}) or teacher export."""
+    sd = obj
+    for key in ("teacher", "model", "state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+            break
+    out = {}
+    for k, v in sd.items():
+        if not torch.is_tensor(v):
+            continue
+        for prefix in ("module.", "_orig_mod.", "teacher.", "backbone."):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        if k.startswith(("dino_head.", "ibot_head.", "head.", "student.")):
+            continue
+        out[re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)] = v  # un-chunk FSDP BlockChunks: blocks.c.i -> blocks.i
+    return out
+
+
+def infer_config(sd):
+    """The ViT kwargs that the tensors of a hub-layout state dict imply."""
+    if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
+        raise ValueError("this checkpoint holds no ViT backbone (no cls_token / patch_embed.proj.weight); "
+                         f"its first keys are {list(sd)[:5]}")
+    D = sd["cls_token"].shape[-1]
+    arch = next((a for a, c in ARCHS.items() if c["embed_dim"] == D), None)
+    if arch is None:
+        raise ValueError(f"embedding width {D} matches no known arch {[(a, c['embed_dim']) for a, c in ARCHS.items()]}")
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    if depth != ARCHS[arch]["depth"]:
+        raise ValueError(f"width {D} means {arch} with {ARCHS[arch]['depth']} blocks, but the checkpoint has {depth}")
+    ffn = "swiglu" if "blocks.0.mlp.w12.weight" in sd else "mlp"
+    hidden = sd["blocks.0.mlp.w3.weight"].shape[1] if ffn == "swiglu" else sd["blocks.0.mlp.fc1.weight"].shape[0]
+    mlp_ratio = hidden / D if ffn == "mlp" else 4.0
+    patch = sd["patch_embed.proj.weight"].shape[-1]
+    grid = int(math.sqrt(sd["pos_embed"].shape[1] - 1))
+    regs = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
+    return dict(arch=arch, patch_size=patch, img_size=grid * patch, num_register_tokens=regs, ffn=ffn,
+                mlp_ratio=mlp_ratio)
+
+
+def load_backbone(path_or_state, arch=None, **overrides):
+    """Build a ViT and load weights from a local checkpoint of any known layout (see backbone_state_dict).
+    The architecture is inferred from the tensors unless `arch` (and overrides) are given. A pos-embed whose grid
+    differs from the model's (e.g. the hub's 37x37 into a model built at img_size=224) is resized once."""
+    if isinstance(path_or_state, dict):
+        obj = path_or_state
+    else:
+        try:
+            obj = torch.load(path_or_state, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no checkpoint at {path_or_state!r}: give a local path (nothing is downloaded)")
+    sd = backbone_state_dict(obj)
+    cfg = infer_config(sd)
+    if arch is not None:
+        cfg["arch"] = arch
+    cfg.update(overrides)
+    model = ViT(**cfg)
+    load_into(model, sd)
+    return model
+
+
+def load_into(model, sd):
+    """Strict load of a hub-layout state dict into `model`, resizing the pos-embed grid if needed; on mismatch,
+    raise an error that names the missing, unexpected and mis-shaped keys and the probable cause."""
+    sd = dict(sd)
+    own = model.state_dict()
+    if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape and \
+            sd["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
+        G = int(math.sqrt(own["pos_embed"].shape[1] - 1))
+        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], (G, G), antialias=True)
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    misshaped = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or misshaped:
+        raise ValueError(describe_mismatch(model, sd, missing, unexpected, misshaped))
+    model.load_state_dict(sd, strict=True)
+
+
+def describe_mismatch(model, sd, missing, unexpected, misshaped):
+    def head(keys):
+        return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+    own = model.state_dict()
+    lines = [f"checkpoint does not fit {model.arch} (ffn={model.ffn}, registers={model.num_register_tokens}, "
+             f"patch={model.patch_size}):"]
+    if missing:
+        lines.append(f"  missing keys: {head(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys: {head(unexpected)}")
+    if misshaped:
+        lines.append("  mis-shaped: " + head([f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                                             for k in misshaped]))
+    causes = []
+    try:
+        cfg = infer_config(sd)
+        if cfg["arch"] != model.arch:
+            causes.append(f"the checkpoint is {cfg['arch']}, not {model.arch}: pass arch={cfg['arch']!r} or omit arch")
+        if cfg["ffn"] != model.ffn:
+            causes.append(f"the checkpoint's FFN is {cfg['ffn']!r}, the model's {model.ffn!r}")
+        if cfg["num_register_tokens"] != model.num_register_tokens:
+            causes.append(f"the checkpoint has {cfg['num_register_tokens']} register tokens, the model "
+                          f"{model.num_register_tokens}")
+        if cfg["patch_size"] != model.patch_size:
+            causes.append(f"patch size {cfg['patch_size']} in the checkpoint, {model.patch_size} in the model")
+    except ValueError as e:
+        causes.append(str(e))
+    lines.append("  probable cause: " + ("; ".join(causes) if causes else "a checkpoint of another layout"))
+    return "\n".join(lines)
