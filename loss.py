@@ -1,5 +1,171 @@
-"""loss.py: not written yet (tracked in issue #4). Running it fails loudly instead of pretending."""
-import sys
+"""
+The objectives of the recipe: DINO on CLS tokens and iBOT on masked patch tokens (teacher targets by
+Sinkhorn-Knopp or by centering), the KDE regulariser that OpenMidnight uses instead of KoLeo, and KoLeo itself.
+Each is a short function on logits / features; which crops feed which term is wired in train.py.
 
-if __name__ == "__main__":
-    sys.exit("loss.py is not written yet (issue #4); see README.md for what works today.")
+Every exp / softmax / log-softmax / Sinkhorn step runs in float32 even under bf16 autocast, and no function holds
+more than a few [rows, K] float32 tensors at once (K = 131,072 prototypes in the recipe). Sums over the batch are
+all-reduced when torch.distributed is initialised, so 8 ranks of 48 give the targets of one batch of 384.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce(t, op=None):
+    if _distributed():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def _world_size():
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _no_autocast(x):
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+# -----------------------------------------------------------------------------
+# teacher targets
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3, n_valid=None):
+    """Teacher assignment probabilities by Sinkhorn-Knopp, as DINOv2 (Caron et al. 2020, SwAV; DINOv2 §3):
+    Q = exp(z / T), then alternately make every prototype's total mass 1/K (a sum over the *global* batch,
+    all-reduced) and every sample's mass 1/B; finally each sample's row sums to 1.
+
+    teacher_logits: (b, K) on this rank. n_valid: only the first n_valid rows are real (the iBOT case, where the
+    masked tokens sit in a zero-padded buffer); padding rows are left out of every sum and come back as zeros.
+    Computed in the log domain: the constants 1/K, 1/B and DINOv2's first total-mass normalisation cancel in the
+    final per-sample normalisation, so the result is DINOv2's up to float rounding, but logits of any magnitude
+    (1e4 / 0.04 overflows exp) stay finite. Returns (b, K) float32."""
+    with _no_autocast(teacher_logits):
+        L = teacher_logits.float() / teacher_temp  # (b, K)
+        if n_valid is not None:
+            L = L[:n_valid]
+        for _ in range(n_iterations):
+            # prototype normalisation: log of each prototype's summed mass over the global batch (a distributed
+            # logsumexp: max, then sum of exp, both all-reduced)
+            m = L.max(dim=0).values if L.shape[0] else L.new_full(L.shape[1:], -float("inf"))
+            m = _all_reduce(m.clone(), dist.ReduceOp.MAX if _distributed() else None)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            s = _all_reduce(torch.exp(L - m).sum(dim=0))
+            L = L - (m + torch.log(s))
+            # sample normalisation (local: a sample's row lives on one rank)
+            L = L - torch.logsumexp(L, dim=1, keepdim=True)
+        Q = torch.exp(L)
+        if n_valid is not None and n_valid < teacher_logits.shape[0]:
+            Q = torch.cat([Q, Q.new_zeros(teacher_logits.shape[0] - n_valid, Q.shape[1])])
+        return Q
+
+
+@torch.no_grad()
+def softmax_center(teacher_logits, center, teacher_temp):
+    """DINO's original targets (Caron et al. 2021): softmax((z - c) / T) with an EMA centre c (DINOv2's
+    `centering: centering` option)."""
+    with _no_autocast(teacher_logits):
+        return F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
+
+
+@torch.no_grad()
+def update_center(center, teacher_logits, momentum=0.9):
+    """c <- m c + (1 - m) mean(z) over the global batch (sum all-reduced, divided by rows x world size).
+    For DINOv2's iBOT centre (the mean over a rank's masked tokens, averaged over ranks) pass
+    teacher_logits.mean(0, keepdim=True)."""
+    batch_center = _all_reduce(teacher_logits.float().sum(dim=0, keepdim=True))
+    batch_center = batch_center / (teacher_logits.shape[0] * _world_size())
+    return center * momentum + batch_center * (1 - momentum)
+
+
+# -----------------------------------------------------------------------------
+# DINO and iBOT cross-entropies
+
+
+def dino_loss(student_logits_list, teacher_probs_list, student_temp=0.1):
+    """-sum over (student crop s, teacher crop t) of mean_rows sum_k t_k log_softmax(s / T_s)_k  (DINOv2's DINOLoss).
+    Since the pairs share the student's log-softmax, sum_t mean(t . lsm) = mean((sum_t t) . lsm): the teacher
+    targets are summed once, and only two [B, K] float32 tensors live at a time (no crops x crops x B x K).
+    Normalising by the number of pairs is the caller's (train.py: / 18 in the recipe)."""
+    teacher_sum = teacher_probs_list[0].float()
+    for t in teacher_probs_list[1:]:
+        teacher_sum = teacher_sum + t.float()
+    total = 0.0
+    for s in student_logits_list:
+        with _no_autocast(s):
+            lsm = F.log_softmax(s.float() / student_temp, dim=-1)
+            total = total - (teacher_sum * lsm).sum(dim=-1).mean()
+    return total
+
+
+def ibot_loss(student_masked_logits, teacher_masked_probs, masks_weight, n_images, student_temp=0.1):
+    """iBOT masked-image-modelling term (Zhou et al. 2022) as DINOv2's forward_masked:
+    -(1 / n_images) sum_j w_j sum_k q_jk log_softmax(s_j / T_s)_k over masked tokens j, where w_j = 1 / (number of
+    masked tokens of j's image), so each masked image weighs the same, and n_images counts every global crop
+    (masked or not). Padding rows carry w_j = 0."""
+    with _no_autocast(student_masked_logits):
+        lsm = F.log_softmax(student_masked_logits.float() / student_temp, dim=-1)
+        per_token = (teacher_masked_probs.float() * lsm).sum(dim=-1)  # (M,)
+        return -(per_token * masks_weight.float()).sum() / n_images
+
+
+# -----------------------------------------------------------------------------
+# regularisers on the student's backbone CLS tokens of one global crop
+
+
+def kde_loss(x, kappa=5.0, variant="spread"):
+    """KDE regulariser with a von Mises-Fisher kernel exp(kappa cos(x_i, x_j)) on L2-normalised rows of x (B, D).
+
+    "spread" (default): mean_i log( 1/(B-1) sum_{j != i} exp(kappa cos(x_i, x_j)) ), the log of a leave-one-out
+      kernel density at each sample, i.e. minus an entropy estimate. Minimising it spreads the embeddings over the
+      sphere, which is what replacing KoLeo (also an entropy estimator) should do; it equals Wang & Isola's
+      uniformity loss with t = kappa / 2 up to the self-term.
+    "openmidnight": -mean_i log( sum_j exp(kappa cos(x_i, x_j)) + 1e-9 ), self-term included, exactly what
+      OpenMidnight's released model minimised (recipe.md §4.5). It is an entropy *estimate*, and minimising it
+      pulls embeddings together: kept only to reproduce that run.
+    Float32 regardless of autocast (OpenMidnight's fp16 version overflows for B > ~440)."""
+    with _no_autocast(x):
+        u = F.normalize(x.float(), dim=-1)
+        logits = kappa * (u @ u.T)  # (B, B)
+        if variant == "openmidnight":
+            return -torch.log(torch.exp(logits).sum(dim=1) + 1e-9).mean()
+        if variant != "spread":
+            raise ValueError(f"kde variant must be 'spread' or 'openmidnight', got {variant!r}")
+        B = x.shape[0]
+        logits = logits.masked_fill(torch.eye(B, dtype=torch.bool, device=x.device), -float("inf"))
+        return (torch.logsumexp(logits, dim=1) - math.log(B - 1)).mean()
+
+
+def koleo_loss(x, eps=1e-8):
+    """KoLeo (Sablayrolles et al. 2019; DINOv2): -mean_i log(||u_i - u_nn(i)|| + eps) on L2-normalised rows,
+    nn(i) the nearest other row. Finite on duplicate rows thanks to eps."""
+    with _no_autocast(x):
+        u = F.normalize(x.float(), eps=eps, dim=-1)
+        dots = u @ u.T
+        dots.fill_diagonal_(-1.0)  # never pick yourself
+        nn_idx = dots.argmax(dim=1)
+        dist_nn = F.pairwise_distance(u, u[nn_idx], p=2, eps=eps)
+        return -torch.log(dist_nn + eps).mean()
+
+
+# -----------------------------------------------------------------------------
+# collapse signals
+
+
+@torch.no_grad()
+def teacher_health(teacher_probs):
+    """Two collapse detectors on teacher targets (rows, K): the mean per-row entropy (-> 0 when every sample picks
+    one prototype) and the KL of the batch-mean distribution to uniform (-> log K when all samples pick the same
+    prototype). Healthy Sinkhorn targets keep the KL near 0."""
+    p = teacher_probs.float()
+    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1).mean()
+    mean = p.mean(dim=0)
+    kl_uniform = (mean * torch.log(mean.clamp_min(1e-30) * p.shape[-1])).sum()
+    return {"teacher_entropy": entropy.item(), "teacher_kl_uniform": kl_uniform.item()}
