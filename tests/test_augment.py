@@ -55,7 +55,7 @@ def test_random_resized_crop_respects_scale_and_ratio():
 # -- HED ----------------------------------------------------------------------------------------------------------
 
 def test_hed_matches_scikit_image_in_float64(patch):
-    rgb = np.asarray(patch)
+    rgb = np.array(patch)
     x = torch.from_numpy(rgb).permute(2, 0, 1).double() / 255
     hed = A.rgb_to_hed(x)
     assert np.abs(hed.permute(1, 2, 0).numpy() - rgb2hed(rgb)).max() < 1e-6

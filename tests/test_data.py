@@ -1,0 +1,252 @@
+"""prepare_patches.py and data.py: stored pixels, coordinates, tissue test, crash safety, bad input, sampler."""
+import colorsys
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+import torch
+
+import data
+import prepare_patches as P
+from conftest import ROOT, SAMPLE_SLIDE
+
+TISSUE = (200, 100, 180)  # an eosin-pink: hue 312 deg (OpenCV H 156), S 127, V 200: passes the HSV rule
+
+
+def write_pyramid(path, tissue_from_x=256, size=1024, levels=3, mpp=0.5, seed=0):
+    """A tiled pyramidal TIFF (downsample 2 per level) that OpenSlide reads as generic-tiff: white background,
+    textured tissue where x >= tissue_from_x (level-0 pixels)."""
+    rng = np.random.default_rng(seed)
+    img = np.full((size, size, 3), 240, dtype=np.uint8)
+    tissue = np.array(TISSUE, dtype=np.int16) + rng.integers(-20, 20, (size, size - tissue_from_x, 3))
+    img[:, tissue_from_x:] = tissue.clip(0, 255).astype(np.uint8)
+    with tifffile.TiffWriter(path) as tif:
+        for k in range(levels):
+            res = dict(resolution=(1e4 / (mpp * 2 ** k),) * 2, resolutionunit="CENTIMETER") if mpp else {}
+            tif.write(img[::2 ** k, ::2 ** k], tile=(128, 128), photometric="rgb", compression="zlib",
+                      subfiletype=1 if k else 0, **res)
+    return img
+
+
+def run_prepare(*argv):
+    return P.main([str(a) for a in argv] + ["--no-qc"])
+
+
+# -- the tissue test ----------------------------------------------------------------------------------------------
+
+def test_tissue_test_matches_opencv_hsv_conventions():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (60, 60, 3)).astype(np.uint8)
+    got = P.tissue_fraction_map(x, (90, 8, 103))
+    for i in range(60):
+        for j in range(60):
+            h, s, v = colorsys.rgb_to_hsv(*(x[i, j] / 255.0))
+            H = np.floor(h * 180 + 0.5) if s > 0 else 0  # OpenCV: degrees / 2, rounded
+            S, V = np.floor(s * 255 + 0.5), int(x[i, j].max())
+            assert got[i, j] == (H >= 90 and S >= 8 and V >= 103), (x[i, j], H, S, V)
+    assert P.tissue_fraction(np.full((4, 4, 3), 240, np.uint8), (90, 8, 103)) == 0.0  # white background
+    assert P.tissue_fraction(np.tile(np.uint8(TISSUE), (4, 4, 1)), (90, 8, 103)) == 1.0
+
+
+# -- stores from real and synthetic slides ------------------------------------------------------------------------
+
+def test_sample_slide_patches_equal_read_region_and_are_tissue(tmp_path):
+    assert run_prepare(SAMPLE_SLIDE, "--out", tmp_path / "png", "--patches-per-level", 25, "--format", "png") == 0
+    store = data.PatchStore(str(tmp_path / "png"))
+    slide = openslide.OpenSlide(SAMPLE_SLIDE)
+    assert len(store) == 25
+    for i in range(len(store)):
+        patch, meta = store[i]
+        assert meta["slide"] == SAMPLE_SLIDE and meta["level"] == 0 and meta["mpp"] == pytest.approx(0.499)
+        assert 0 <= meta["x"] <= 2220 - 224 and 0 <= meta["y"] <= 2967 - 224
+        ref = np.asarray(slide.read_region((meta["x"], meta["y"]), 0, (224, 224)).convert("RGB"))
+        assert patch.shape == (224, 224, 3) and patch.dtype == np.uint8 and np.array_equal(patch, ref)
+        assert P.tissue_fraction(patch, (90, 8, 103)) > 0.6
+    # the default JPEG store: the same positions (same seed), pixels within JPEG error
+    run_prepare(SAMPLE_SLIDE, "--out", tmp_path / "jpg", "--patches-per-level", 25)
+    jpg = data.PatchStore(str(tmp_path / "jpg"))
+    for i in (0, 24):
+        assert jpg.meta(i) == store.meta(i)
+        assert np.abs(jpg[i][0].astype(int) - store[i][0]).mean() < 6
+
+
+def test_levels_mode_draws_level0_positions_over_the_whole_slide(tmp_path):
+    img = write_pyramid(tmp_path / "pyr.tiff", tissue_from_x=256)
+    assert run_prepare(tmp_path / "pyr.tiff", "--out", tmp_path / "st", "--patches-per-level", 20, "--format",
+                       "png") == 0
+    store = data.PatchStore(str(tmp_path / "st"))
+    slide = openslide.OpenSlide(str(tmp_path / "pyr.tiff"))
+    by_level = {}
+    for i in range(len(store)):
+        patch, m = store[i]
+        fp = 224 * 2 ** m["level"]
+        assert 0 <= m["x"] <= 1024 - fp and 0 <= m["y"] <= 1024 - fp  # the whole footprint inside the slide
+        ref = np.asarray(slide.read_region((m["x"], m["y"]), m["level"], (224, 224)).convert("RGB"))
+        assert np.array_equal(patch, ref)
+        if m["level"] == 0:  # and it is the level-0 image at those level-0 coordinates
+            assert np.array_equal(patch, img[m["y"]:m["y"] + 224, m["x"]:m["x"] + 224])
+        assert m["mpp"] == pytest.approx(0.5 * 2 ** m["level"])
+        by_level.setdefault(m["level"], []).append(m["x"])
+    assert sorted(by_level) == [0, 1, 2] and all(len(v) == 20 for v in by_level.values())
+    # tissue starts at x = 256: level-0 patches lie right of ~166 (60% rule); with OpenMidnight's level-k bug the
+    # level-2 positions would stay in the top-left 256 px, where the slide is blank
+    assert min(by_level[0]) >= 256 - 0.4 * 224 and max(by_level[1]) > 256
+
+
+def test_mpp_mode_reads_the_nearest_finer_level_and_resizes(tmp_path):
+    write_pyramid(tmp_path / "pyr.tiff")
+    run_prepare(tmp_path / "pyr.tiff", "--out", tmp_path / "st", "--patches-per-level", 5, "--mpp", 0.25, 0.5,
+                0.75, 2.0, "--format", "png")
+    store = data.PatchStore(str(tmp_path / "st"))
+    got = {(store.meta(i)["mpp"], store.meta(i)["level"], store.meta(i)["size"]) for i in range(len(store))}
+    # 0.5 -> level 0 as is; 0.75 -> level 0, 336 px resized; 2.0 -> level 2; 0.25 is finer than the scan
+    assert got == {(0.5, 0, 224), (0.75, 0, 336), (2.0, 2, 224)}
+    report = json.load(open(tmp_path / "st" / "report.json"))
+    assert any("finer than the scan" in p for p in report[0]["problems"])
+    i = next(i for i in range(len(store)) if store.meta(i)["size"] == 336)
+    m = store.meta(i)
+    slide = openslide.OpenSlide(str(tmp_path / "pyr.tiff"))
+    ref = slide.read_region((m["x"], m["y"]), 0, (336, 336)).convert("RGB").resize((224, 224), 3)  # BICUBIC
+    assert np.array_equal(store[i][0], np.asarray(ref))
+
+
+def test_bad_inputs_are_skipped_and_reported(tmp_path):
+    d = tmp_path / "slides"
+    d.mkdir()
+    shutil.copy(SAMPLE_SLIDE, d / "good.svs")
+    (d / "notaslide.svs").write_text("hello")
+    (d / "empty.tiff").write_bytes(b"")
+    with open(SAMPLE_SLIDE, "rb") as f:
+        (d / "truncated.svs").write_bytes(f.read()[:200_000])
+    write_pyramid(d / "blank.tiff", tissue_from_x=1024, size=1024, levels=1)  # all background
+    write_pyramid(d / "tiny.tiff", size=100, tissue_from_x=0, levels=1)  # smaller than a patch
+    write_pyramid(d / "nompp.tiff", mpp=None, levels=1)
+    assert run_prepare(d, "--out", tmp_path / "st", "--patches-per-level", 5) == 0
+    report = {os.path.basename(r["slide"]): r for r in json.load(open(tmp_path / "st" / "report.json"))}
+    assert len(report) == 7
+    ok = {k for k, r in report.items() if r["status"] == "ok"}
+    assert ok >= {"good.svs", "nompp.tiff"} and report["good.svs"]["n_patches"] == 5
+    for bad in ("notaslide.svs", "empty.tiff", "blank.tiff", "tiny.tiff"):
+        assert report[bad]["status"] == "skipped" and report[bad]["reason"], bad
+    assert len(data.PatchStore(str(tmp_path / "st"))) == sum(r["n_patches"] for r in report.values())
+    # mpp mode: the slide without mpp is skipped and says why; nothing at all -> non-zero exit
+    run_prepare(d, "--out", tmp_path / "mpp", "--patches-per-level", 2, "--mpp", 0.5)
+    rep = {os.path.basename(r["slide"]): r for r in json.load(open(tmp_path / "mpp" / "report.json"))}
+    assert rep["nompp.tiff"]["status"] == "skipped" and "mpp" in " ".join(rep["nompp.tiff"]["problems"])
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    shutil.copy(d / "notaslide.svs", only_bad)
+    assert run_prepare(only_bad, "--out", tmp_path / "none") == 1
+
+
+def store_bytes(root):
+    manifest = json.load(open(os.path.join(root, "manifest.json")))
+    return manifest["shards"], [open(os.path.join(root, "shards", s["key"] + ".bin"), "rb").read()
+                                for s in manifest["shards"]]
+
+
+def test_kill_and_rerun_gives_the_same_store(tmp_path):
+    d = tmp_path / "slides"
+    d.mkdir()
+    for i in range(4):
+        write_pyramid(d / f"s{i}.tiff", seed=i)
+    argv = [sys.executable, os.path.join(ROOT, "prepare_patches.py"), str(d), "--patches-per-level", "150"]
+    subprocess.run(argv + ["--out", str(tmp_path / "clean")], check=True, capture_output=True)
+    proc = subprocess.Popen(argv + ["--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    shards = tmp_path / "killed" / "shards"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (shards.exists() and any(f.name.endswith(".idx.npz") for f in shards.iterdir())):
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "killed" / "manifest.json").exists()
+    with pytest.raises(FileNotFoundError, match="re-run the same prepare_patches.py"):
+        data.PatchStore(str(tmp_path / "killed"))
+    # debris of a half-written slide: a partial temp file and a shard whose index was never committed
+    (shards / "s3-0000000000.bin.tmp").write_bytes(b"\xff" * 100)
+    key = P.slide_key(str(d / "s3.tiff"))
+    if not (shards / (key + ".idx.npz")).exists():
+        (shards / (key + ".bin")).write_bytes(b"garbage")
+    subprocess.run(argv + ["--out", str(tmp_path / "killed")], check=True, capture_output=True)
+    assert store_bytes(tmp_path / "killed") == store_bytes(tmp_path / "clean")
+
+
+def test_split_over_machines_then_merge(tmp_path):
+    d = tmp_path / "slides"
+    d.mkdir()
+    for i in range(3):
+        write_pyramid(d / f"s{i}.tiff", seed=i, levels=1)
+    run_prepare(d, "--out", tmp_path / "whole", "--patches-per-level", 4)
+    for k in range(2):
+        run_prepare(d, "--out", tmp_path / "parts", "--patches-per-level", 4, "--num-shards", 2, "--shard-index", k)
+    assert P.main(["--merge", "--out", str(tmp_path / "parts")]) == 0
+    assert store_bytes(tmp_path / "parts") == store_bytes(tmp_path / "whole")
+    # or parts written to separate stores (separate machines), merged into a new one
+    run_prepare(d, "--out", tmp_path / "a", "--patches-per-level", 4, "--num-shards", 2, "--shard-index", 0)
+    run_prepare(d, "--out", tmp_path / "b", "--patches-per-level", 4, "--num-shards", 2, "--shard-index", 1)
+    P.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")])
+    assert store_bytes(tmp_path / "ab") == store_bytes(tmp_path / "whole")
+
+
+def test_truncated_shard_is_refused(tmp_path):
+    run_prepare(SAMPLE_SLIDE, "--out", tmp_path / "st", "--patches-per-level", 3)
+    shard = next((tmp_path / "st" / "shards").glob("*.bin"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        data.PatchStore(str(tmp_path / "st"))
+
+
+# -- sampler and loader -------------------------------------------------------------------------------------------
+
+def take(sampler, k):
+    it = iter(sampler)
+    return [next(it) for _ in range(k)]
+
+
+def test_ranks_are_disjoint_and_cover_each_epoch():
+    n, B, W = 37, 4, 2
+    per_rank = -(-n // (B * W)) * B  # steps to cover an epoch x B
+    seen = [take(data.InfiniteSampler(n, B, r, W, seed=3), per_rank * 3) for r in range(W)]
+    for epoch in range(2):
+        items = [idx for r in range(W) for (e, idx) in seen[r] if e == epoch]
+        assert sorted(items) == list(range(n))  # every patch exactly once per epoch, over all ranks
+    assert [e for e, _ in seen[0]].count(0) + [e for e, _ in seen[1]].count(0) == n
+    e0 = [idx for e, idx in seen[0] if e == 0]
+    e1 = [idx for e, idx in seen[0] if e == 1]
+    assert e0 != e1[:len(e0)]  # reshuffled per epoch
+
+
+def test_global_batch_independent_of_world_size_and_resume_is_exact():
+    one = take(data.InfiniteSampler(50, 8, 0, 1, seed=1), 40)
+    two = [take(data.InfiniteSampler(50, 4, r, 2, seed=1), 20) for r in range(2)]
+    for step in range(5):
+        assert sorted(one[step * 8:(step + 1) * 8]) == sorted(two[0][step * 4:(step + 1) * 4] +
+                                                              two[1][step * 4:(step + 1) * 4])
+    full = take(data.InfiniteSampler(50, 4, 1, 2, seed=1), 30)
+    assert take(data.InfiniteSampler(50, 4, 1, 2, seed=1, start=12), 18) == full[12:]
+
+
+def test_loader_batches_are_seeded_by_sample_not_worker(tmp_path):
+    run_prepare(SAMPLE_SLIDE, "--out", tmp_path / "st", "--patches-per-level", 12)
+    store = data.PatchStore(str(tmp_path / "st"))
+    a = next(iter(data.make_loader(store, 3, seed=5, workers=0, on_device=True)))
+    loader = data.make_loader(store, 3, seed=5, workers=2, on_device=True)
+    it = iter(loader)
+    b = next(it)
+    assert torch.equal(a["global_crops"], b["global_crops"]) and torch.equal(a["masks"], b["masks"])
+    assert a["global_crops"].dtype == torch.uint8 and a["global_crops"].shape == (6, 3, 224, 224)
+    assert a["local_crops"].shape == (24, 3, 98, 98) and "global_params" in a
+    c = next(it)
+    assert not torch.equal(b["index"], c["index"])
+    resumed = next(iter(data.make_loader(store, 3, seed=5, workers=0, on_device=True, start=3)))
+    assert torch.equal(resumed["local_crops"], c["local_crops"])
+    path_a = next(iter(data.make_loader(store, 3, seed=5, workers=0, on_device=False)))
+    assert path_a["global_crops"].dtype == torch.float32
