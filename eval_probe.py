@@ -1,5 +1,526 @@
-"""eval_probe.py: not written yet (tracked in issue #8). Running it fails loudly instead of pretending."""
+"""
+Judge a backbone by frozen features, the way kaiko-ai's eva does (recipe.md §10): a linear probe with balanced
+accuracy as the headline, plus DINO's weighted kNN, few-shot probes and PCA maps of patch tokens.
+
+    python eval_probe.py --weights runs/om/teacher_backbone.pth --data BACH_ROOT --dataset bach --knn
+    python eval_probe.py --weights dinov2_vitg14_reg4_pretrain.pth --data my_folder --few-shot 10 --pca maps.png
+
+Weights: this project's checkpoints and exports, DINOv2 hub files, OpenMidnight's teacher_checkpoint.pth (one
+loader, model.load_backbone). Features are extracted once and cached on disk; re-fitting heads costs seconds.
+"""
+import argparse
+import csv
+import glob
+import hashlib
+import json
+import math
+import os
 import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import augment
+from model import load_backbone
+
+# per-dataset early-stopping patience in validation checks (eva's configs, recipe.md §10.1)
+PATIENCE = {"bach": 1250, "bracs": 167, "breakhis": 500, "crc": 7, "gleason": 42, "mhist": 278, "pcam": 3}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+# -----------------------------------------------------------------------------
+# datasets: every loader returns {split: [(item, label), ...]}, class names
+
+
+def _images(folder):
+    return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def stratified_split(items, fractions, seed):
+    """Split [(item, label)] into len(fractions) parts with every class split in the same proportions (seeded)."""
+    rng = np.random.default_rng(seed)
+    parts = [[] for _ in fractions]
+    for label in sorted({lab for _, lab in items}):
+        group = [it for it in items if it[1] == label]
+        group = [group[i] for i in rng.permutation(len(group))]
+        bounds = np.round(np.cumsum([0] + list(fractions)) / sum(fractions) * len(group)).astype(int)
+        for p in range(len(fractions)):
+            parts[p] += group[bounds[p]:bounds[p + 1]]
+    return parts
+
+
+def load_imagefolder(root, seed):
+    splits = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
+    base = os.path.join(root, "train") if splits else root
+    classes = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) if os.path.isdir(base) else []
+    if not classes:
+        raise SystemExit(f"{root!r} has no class folders: expected root/<class>/* or root/train/<class>/*")
+    if not splits:  # a single folder: a seeded stratified train/val/test split
+        items = [(f, c) for c, name in enumerate(classes) for f in _images(os.path.join(root, name))]
+        return dict(zip(("train", "val", "test"), stratified_split(items, (0.6, 0.2, 0.2), seed))), classes
+    out = {}
+    for s in splits:
+        present = sorted(d for d in os.listdir(os.path.join(root, s)) if os.path.isdir(os.path.join(root, s, d)))
+        missing = sorted(set(classes) - set(present))
+        if missing:
+            raise SystemExit(f"split {s!r} of {root!r} lacks class folders {missing}: every split needs all classes")
+        out[s] = [(f, c) for c, name in enumerate(classes) for f in _images(os.path.join(root, s, name))]
+    return out, classes
+
+
+def load_csv(path, seed):
+    root = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+    if rows and rows[0][0].lower() in ("path", "image", "file"):
+        rows = rows[1:]
+    classes = sorted({r[1] for r in rows})
+    items = [(os.path.join(root, r[0]), classes.index(r[1]), r[2] if len(r) > 2 else None) for r in rows]
+    if all(s is None for _, _, s in items):
+        return dict(zip(("train", "val", "test"), stratified_split([i[:2] for i in items], (0.6, 0.2, 0.2), seed))), \
+            classes
+    return {s: [(p, c) for p, c, sp in items if sp == s] for s in {i[2] for i in items}}, classes
+
+
+def load_bach(root, seed):
+    files = sorted(glob.glob(os.path.join(root, "ICIAR2018_BACH_Challenge", "Photos", "*", "*.tif")))
+    classes = ["Benign", "InSitu", "Invasive", "Normal"]
+    train_ranges = [(0, 41), (59, 60), (90, 139), (169, 240), (258, 260), (273, 345), (368, 400)]  # eva's split
+    train_idx = {i for a, b in train_ranges for i in range(a, b)}
+    items = [(f, classes.index(os.path.basename(os.path.dirname(f)))) for f in files]
+    return {"train": [it for i, it in enumerate(items) if i in train_idx],
+            "val": [it for i, it in enumerate(items) if i not in train_idx]}, classes
+
+
+def load_crc(root, seed):
+    classes = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
+    return {split: [(f, c) for c, name in enumerate(classes) for f in _images(os.path.join(root, d, name))]
+            for split, d in (("train", "NCT-CRC-HE-100K"), ("val", "CRC-VAL-HE-7K"))}, classes
+
+
+def load_mhist(root, seed):
+    classes = ["SSA", "HP"]
+    out = {"train": [], "val": []}  # eva monitors and reports MHIST's test partition as its validation split
+    with open(os.path.join(root, "annotations.csv"), newline="") as f:
+        for r in csv.DictReader(f):
+            out["train" if r["Partition"] == "train" else "val"].append(
+                (os.path.join(root, "images", r["Image Name"]), classes.index(r["Majority Vote Label"])))
+    return out, classes
+
+
+BREAKHIS_VAL_PATIENTS = {"18842D", "19979", "15275", "15792", "16875", "3909", "5287", "16716", "2773", "5695",
+                         "16184CD", "23060CD", "21998CD", "21998EF"}
+
+
+def load_breakhis(root, seed):
+    classes = ["TA", "MC", "F", "DC"]
+    out = {"train": [], "val": []}
+    for f in sorted(glob.glob(os.path.join(root, "**", "40X", "*.png"), recursive=True)):
+        fields = os.path.basename(f).split("-")
+        cls = fields[0].split("_")[-1]
+        if cls in classes:
+            out["val" if fields[2] in BREAKHIS_VAL_PATIENTS else "train"].append((f, classes.index(cls)))
+    return out, classes
+
+
+def load_bracs(root, seed):
+    return load_imagefolder(os.path.join(root, "BRACS_RoI", "latest_version"), seed)
+
+
+def load_gleason(root, seed):
+    classes = ["benign", "gleason_3", "gleason_4", "gleason_5"]
+    out = {"train": [], "val": [], "test": []}
+    for f in sorted(glob.glob(os.path.join(root, "train_validation_patches_750", "*", "*.jpg"))):
+        core = os.path.basename(os.path.dirname(f))
+        out["val" if "ZT76" in core else "train"].append((f, int(f.rsplit("_class_", 1)[1].split(".")[0])))
+    for f in sorted(glob.glob(os.path.join(root, "test_patches_750", "patho_1", "*", "*.jpg"))):
+        out["test"].append((f, int(f.rsplit("_class_", 1)[1].split(".")[0])))
+    return out, classes
+
+
+def load_pcam(root, seed):
+    try:
+        import h5py  # optional: only PCam's h5 files need it
+    except ImportError:
+        raise SystemExit("PCam is stored as HDF5: pip install h5py to evaluate on it")
+    out = {}
+    for split, name in (("train", "train"), ("val", "valid"), ("test", "test")):
+        with h5py.File(os.path.join(root, f"camelyonpatch_level_2_split_{name}_y.h5"), "r") as f:
+            labels = f["y"][:].reshape(-1).astype(int)
+        x = os.path.join(root, f"camelyonpatch_level_2_split_{name}_x.h5")
+        out[split] = [((x, i), int(lab)) for i, lab in enumerate(labels)]
+    return out, ["no_tumor", "tumor"]
+
+
+LOADERS = {"imagefolder": load_imagefolder, "csv": load_csv, "bach": load_bach, "crc": load_crc, "mhist": load_mhist,
+           "breakhis": load_breakhis, "bracs": load_bracs, "gleason": load_gleason, "pcam": load_pcam}
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Resize the shorter side to `size` (bilinear, antialiased), centre-crop, normalise; an unreadable image comes
+    back as None and is counted and skipped by the collate."""
+
+    def __init__(self, items, size=224, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD):
+        self.items, self.size = items, size
+        self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+        self._h5 = {}
+
+    def load(self, item):
+        if isinstance(item, tuple):  # (h5 file, index): PCam
+            import h5py
+            if item[0] not in self._h5:
+                self._h5[item[0]] = h5py.File(item[0], "r")
+            return Image.fromarray(self._h5[item[0]]["x"][item[1]])
+        with Image.open(item) as im:
+            return im.convert("RGB")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        try:
+            img = self.load(self.items[i][0])
+        except Exception:
+            return None, self.items[i][1], i
+        w, h = img.size
+        s = self.size / min(w, h)
+        img = img.resize((max(self.size, round(w * s)), max(self.size, round(h * s))), Image.BILINEAR)
+        left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
+        img = img.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
+        return (x - self.mean) / self.std, self.items[i][1], i
+
+
+def _collate(batch):
+    ok = [b for b in batch if b[0] is not None]
+    bad = [b[2] for b in batch if b[0] is None]
+    if not ok:
+        return None, None, torch.tensor([], dtype=torch.long), bad
+    return torch.stack([b[0] for b in ok]), torch.tensor([b[1] for b in ok]), torch.tensor([b[2] for b in ok]), bad
+
+
+@torch.no_grad()
+def extract_features(backbone, items, size=224, features="cls", device="cpu", batch_size=64, workers=0,
+                     norm=(augment.IMAGENET_MEAN, augment.IMAGENET_STD), progress=False):
+    """Features of every readable item: the CLS token, or CLS concatenated with the mean patch token (Midnight).
+    Returns (features (n, D), labels (n,), indices of unreadable items)."""
+    backbone.eval().to(device)
+    loader = torch.utils.data.DataLoader(ImageDataset(items, size, *norm), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=_collate)
+    feats, labels, bad = [], [], []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else \
+        torch.autocast("cpu", enabled=False)
+    for x, y, _, b in tqdm(loader, disable=not progress, desc="features", leave=False):
+        bad += b
+        if x is None:
+            continue
+        with autocast:
+            out = backbone.forward_features(x.to(device))
+        f = out["x_norm_clstoken"]
+        if features == "cls+mean":
+            f = torch.cat([f, out["x_norm_patchtokens"].mean(1)], dim=-1)
+        feats.append(f.float().cpu())
+        labels.append(y)
+    dim = backbone.embed_dim * (2 if features == "cls+mean" else 1)
+    return (torch.cat(feats) if feats else torch.zeros(0, dim), torch.cat(labels) if labels else torch.zeros(0).long(),
+            bad)
+
+
+# -----------------------------------------------------------------------------
+# metrics and heads
+
+
+def metrics(pred, target, n_classes):
+    """Balanced accuracy (mean per-class recall over classes present in target), accuracy, macro F1, per-class
+    recall."""
+    pred, target = np.asarray(pred), np.asarray(target)
+    recall, f1 = [], []
+    for c in range(n_classes):
+        tp = int(((pred == c) & (target == c)).sum())
+        n_true, n_pred = int((target == c).sum()), int((pred == c).sum())
+        recall.append(tp / n_true if n_true else float("nan"))
+        f1.append(2 * tp / (n_true + n_pred) if n_true + n_pred else float("nan"))
+    present = [r for r in recall if not math.isnan(r)]
+    return {"balanced_accuracy": float(np.mean(present)) if present else float("nan"),
+            "accuracy": float((pred == target).mean()) if len(target) else float("nan"),
+            "macro_f1": float(np.nanmean(f1)) if not all(map(math.isnan, f1)) else float("nan"),
+            "per_class_recall": recall}
+
+
+def knn_predict(train_x, train_y, test_x, n_classes, k=20, temperature=0.07):
+    """DINO's weighted kNN: cosine similarity, the k nearest training samples vote with weight exp(sim / T)."""
+    train_x, test_x = F.normalize(train_x.float(), dim=1), F.normalize(test_x.float(), dim=1)
+    preds = []
+    for chunk in test_x.split(1024):
+        sim, idx = (chunk @ train_x.T).topk(min(k, len(train_x)), dim=1)
+        votes = torch.zeros(len(chunk), n_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def train_linear(train, val, n_classes, lr=3e-4, weight_decay=0.01, batch_size=256, max_steps=12_500,
+                 patience=100, seed=0, device="cpu"):
+    """eva's head: one linear layer (BCE with one logit for 2 classes), AdamW, lr x 1/3 for the first 5 epochs
+    (torch's ConstantLR, eva's default), one validation check per epoch, early stopping on validation balanced
+    accuracy with `patience` checks; returns the best-validation head."""
+    g = torch.Generator().manual_seed(seed)
+    (xt, yt), (xv, yv) = train, val
+    xt, yt, xv = xt.to(device), yt.to(device), xv.to(device)
+    binary = n_classes == 2
+    head = torch.nn.Linear(xt.shape[1], 1 if binary else n_classes).to(device)
+    with torch.no_grad():  # seeded init, PyTorch's default distribution
+        bound = 1 / math.sqrt(xt.shape[1])
+        head.weight.copy_(torch.rand(head.weight.shape, generator=g) * 2 * bound - bound)
+        head.bias.copy_(torch.rand(head.bias.shape, generator=g) * 2 * bound - bound)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    best, best_state, bad_checks, step, epoch = -1.0, None, 0, 0, 0
+    while step < max_steps and bad_checks < patience:
+        for group in opt.param_groups:
+            group["lr"] = lr / 3 if epoch < 5 else lr
+        perm = torch.randperm(len(xt), generator=g).to(device)
+        for i in range(0, len(xt), batch_size):
+            idx = perm[i:i + batch_size]
+            logits = head(xt[idx])
+            loss = F.binary_cross_entropy_with_logits(logits[:, 0], yt[idx].float()) if binary else \
+                F.cross_entropy(logits, yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= max_steps:
+                break
+        epoch += 1
+        score = metrics(predict_linear(head, xv), yv.numpy(), n_classes)["balanced_accuracy"]
+        if score > best:
+            best, best_state, bad_checks = score, {k: v.clone() for k, v in head.state_dict().items()}, 0
+        else:
+            bad_checks += 1
+    head.load_state_dict(best_state)
+    return head, {"best_val_balanced_accuracy": best, "steps": step, "epochs": epoch}
+
+
+@torch.no_grad()
+def predict_linear(head, x):
+    logits = head(x.to(head.weight.device)).cpu()
+    return (logits[:, 0] > 0).long().numpy() if logits.shape[1] == 1 else logits.argmax(1).numpy()
+
+
+def few_shot_indices(labels, n, n_classes, seed):
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    return np.concatenate([rng.choice(np.nonzero(labels == c)[0], min(n, int((labels == c).sum())), replace=False)
+                           for c in range(n_classes)])
+
+
+# -----------------------------------------------------------------------------
+# PCA feature maps
+
+
+@torch.no_grad()
+def pca_figure(backbone, items, out_png, size=448, device="cpu", threshold=0.0):
+    """Each image beside an RGB map of its patch tokens' first three principal components (fitted on the
+    foreground tokens of all images); background is found, as in DINOv2's demo, by thresholding the first
+    component of a PCA on all tokens (its sign chosen so that the border is background)."""
+    ds = ImageDataset(items, size)
+    imgs = [ds[i] for i in range(len(ds))]
+    imgs = [im for im in imgs if im[0] is not None]
+    x = torch.stack([im[0] for im in imgs])
+    backbone.eval().to(device)
+    tokens = backbone.forward_features(x.to(device))["x_norm_patchtokens"].float().cpu()  # (n, N, D)
+    n, N, D = tokens.shape
+    G = int(math.sqrt(N))
+    flat = tokens.reshape(-1, D)
+    first = _pca(flat, 1)[:, 0].reshape(n, G, G)
+    border = torch.cat([first[:, 0], first[:, -1], first[:, :, 0], first[:, :, -1]], dim=1).mean()
+    if border > first.mean():
+        first = -first
+    fg = (first > threshold).reshape(-1)
+    if fg.sum() < 3:
+        fg = torch.ones_like(fg)
+    comps = torch.zeros(n * N, 3)
+    comps[fg] = _pca(flat[fg], 3)
+    lo, hi = comps[fg].min(0).values, comps[fg].max(0).values
+    rgb = ((comps - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1) * fg[:, None]
+    rgb = (rgb.reshape(n, G, G, 3) * 255).byte().numpy()
+    mean, std = torch.tensor(augment.IMAGENET_MEAN)[:, None, None], torch.tensor(augment.IMAGENET_STD)[:, None, None]
+    canvas = Image.new("RGB", (2 * size, n * size))
+    for i in range(n):
+        shown = ((x[i] * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+        canvas.paste(Image.fromarray(shown), (0, i * size))
+        canvas.paste(Image.fromarray(rgb[i]).resize((size, size), Image.NEAREST), (size, i * size))
+    canvas.save(out_png)
+    return canvas.size
+
+
+def _pca(x, k):
+    x = x - x.mean(0)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    return x @ v[:k].T
+
+
+# -----------------------------------------------------------------------------
+# glue used by train.py
+
+
+def quick_knn(backbone, folder, size=224, device="cpu", seed=0):
+    """kNN balanced accuracy of a backbone on a small labelled image folder (train.py's in-training probe)."""
+    splits, classes = load_imagefolder(folder, seed)
+    train_x, train_y, _ = extract_features(backbone, splits["train"] + splits["val"], size, device=device)
+    test_x, test_y, _ = extract_features(backbone, splits.get("test") or splits["val"], size, device=device)
+    was_training = backbone.training
+    pred = knn_predict(train_x, train_y, test_x, len(classes))
+    backbone.train(was_training)
+    return {**metrics(pred.numpy(), test_y.numpy(), len(classes)), "n_test": len(test_y)}
+
+
+def make_demo_probe_set(root, per_class=40):
+    """A labelled folder from the bundled slide for the demo's probe: patches at 0.5, 1 and 2 microns per pixel,
+    the class being the magnification (the slide carries no tissue labels)."""
+    if os.path.isdir(root) and os.path.exists(os.path.join(root, "DONE")):
+        return root
+    import data
+    import prepare_patches
+    tmp = root + "-store"
+    prepare_patches.main([prepare_patches.SAMPLE_SLIDE, "--out", tmp, "--mpp", "0.5", "1", "2", "--no-qc",
+                          "--patches-per-level", str(per_class), "--seed", "123"])
+    store = data.PatchStore(tmp)
+    for i in range(len(store)):
+        patch, meta = store[i]
+        d = os.path.join(root, f"{meta['mpp']:g}mpp")
+        os.makedirs(d, exist_ok=True)
+        Image.fromarray(patch).save(os.path.join(d, f"{i:04d}.png"))
+    open(os.path.join(root, "DONE"), "w").close()
+    return root
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True, help="checkpoint / export / hub file (local path)")
+    p.add_argument("--data", required=True, help="dataset root (or CSV file for --dataset csv)")
+    p.add_argument("--dataset", default="imagefolder", choices=sorted(LOADERS))
+    p.add_argument("--arch", default=None, help="override the arch inferred from the weights")
+    p.add_argument("--features", default="cls", choices=["cls", "cls+mean"], help="cls+mean: Midnight's 2D-dim")
+    p.add_argument("--norm", default="imagenet", choices=["imagenet", "half"], help="half: Midnight's 0.5/0.5")
+    p.add_argument("--size", type=int, default=224, help="resize shorter side, centre crop")
+    p.add_argument("--knn", action="store_true", help="also DINO's weighted kNN (k=20, T=0.07)")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--few-shot", type=int, default=0, help="n images per class from train, repeated draws")
+    p.add_argument("--few-shot-draws", type=int, default=10)
+    p.add_argument("--no-linear", action="store_true")
+    p.add_argument("--runs", type=int, default=5, help="linear heads averaged (eva: 5)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--max-steps", type=int, default=12_500)
+    p.add_argument("--patience", type=int, default=None, help="validation checks (default: eva's per dataset)")
+    p.add_argument("--pca", default=None, metavar="OUT.png", help="PCA maps of patch tokens of a few images")
+    p.add_argument("--pca-images", type=int, default=4)
+    p.add_argument("--out", default=None, help="results JSON (default results_<dataset>.json)")
+    p.add_argument("--cache-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                                                       "feature_cache"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def cached_features(args, backbone, splits):
+    """Features per split, cached on disk keyed by the weights file, the data items and the feature settings."""
+    st = os.stat(args.weights)
+    key = hashlib.sha1(json.dumps([os.path.abspath(args.weights), st.st_size, st.st_mtime, args.arch,
+                                   args.dataset, {s: [str(i) for i, _ in v] for s, v in splits.items()},
+                                   args.features, args.norm, args.size]).encode()).hexdigest()[:16]
+    path = os.path.join(args.cache_dir, key + ".pt")
+    if os.path.exists(path):
+        print(f"features from cache {path}")
+        return torch.load(path, weights_only=True), path
+    norm = (augment.IMAGENET_MEAN, augment.IMAGENET_STD) if args.norm == "imagenet" else ((0.5,) * 3, (0.5,) * 3)
+    feats = {}
+    for split, items in splits.items():
+        x, y, bad = extract_features(backbone, items, args.size, args.features, args.device, args.batch_size,
+                                     args.workers, norm, progress=True)
+        feats[split] = {"x": x, "y": y, "unreadable": [str(items[i][0]) for i in bad]}
+        if bad:
+            print(f"{split}: skipped {len(bad)} unreadable images, e.g. {items[bad[0]][0]}")
+    os.makedirs(args.cache_dir, exist_ok=True)
+    torch.save(feats, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return feats, path
+
+
+def main(argv=None):
+    args = get_args(argv)
+    t0 = time.time()
+    splits, classes = LOADERS[args.dataset](args.data, args.seed)
+    for s in list(splits):
+        if not splits[s]:
+            del splits[s]
+    if "train" not in splits:
+        raise SystemExit(f"no training images found under {args.data!r} for --dataset {args.dataset}")
+    made_split = "val" not in splits
+    if made_split:  # no validation split: a seeded stratified 20% of train
+        splits["train"], splits["val"] = stratified_split(splits["train"], (0.8, 0.2), args.seed)
+    for s, items in splits.items():
+        missing = sorted(set(range(len(classes))) - {lab for _, lab in items})
+        if missing and s in ("train", "val"):
+            raise SystemExit(f"split {s!r} has no images of classes {[classes[c] for c in missing]}: "
+                             "check the data layout, or use a single folder to get a stratified split")
+    backbone = load_backbone(args.weights, arch=args.arch)
+    feats, cache_path = cached_features(args, backbone, splits)
+    report_split = "test" if "test" in splits else "val"
+    train, val, test = feats["train"], feats["val"], feats[report_split]
+    patience = args.patience or PATIENCE.get(args.dataset, 100)
+    results = {"settings": {**vars(args), "patience": patience, "classes": classes, "reported_split": report_split,
+                            "validation_made_from_train": made_split, "cache": cache_path,
+                            "n": {s: len(f["y"]) for s, f in feats.items()},
+                            "unreadable": {s: len(f["unreadable"]) for s, f in feats.items()}}}
+    C = len(classes)
+    fit = dict(lr=args.lr, weight_decay=args.weight_decay, max_steps=args.max_steps, patience=patience,
+               device=args.device)
+    if not args.no_linear:
+        runs = []
+        for r in range(args.runs):
+            head, info = train_linear((train["x"], train["y"]), (val["x"], val["y"]), C, seed=args.seed + r, **fit)
+            runs.append({**metrics(predict_linear(head, test["x"]), test["y"].numpy(), C), **info})
+        results["linear"] = summarise(runs)
+    if args.knn:
+        results["knn"] = metrics(knn_predict(train["x"], train["y"], test["x"], C, args.k).numpy(),
+                                 test["y"].numpy(), C)
+    if args.few_shot:
+        runs = []
+        for d in range(args.few_shot_draws):  # a new n-shot training set per draw (not eva's single draw)
+            idx = torch.from_numpy(few_shot_indices(train["y"].numpy(), args.few_shot, C, args.seed + d))
+            head, info = train_linear((train["x"][idx], train["y"][idx]), (val["x"], val["y"]), C, seed=d, **fit)
+            runs.append({**metrics(predict_linear(head, test["x"]), test["y"].numpy(), C), **info})
+        results[f"few_shot_{args.few_shot}"] = summarise(runs)
+    if args.pca:
+        items = splits[report_split][:args.pca_images]
+        results["pca"] = {"path": args.pca, "size": pca_figure(backbone, items, args.pca, device=args.device)}
+    out = args.out or f"results_{args.dataset}.json"
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    line = " | ".join(f"{m} balanced acc {results[m]['balanced_accuracy']:.4f}" for m in results
+                      if isinstance(results[m], dict) and "balanced_accuracy" in results[m])
+    print(f"{args.dataset} ({report_split}, n={len(test['y'])}): {line} [{time.time() - t0:.0f}s, {out}]")
+    return results
+
+
+def summarise(runs):
+    keys = ("balanced_accuracy", "accuracy", "macro_f1")
+    out = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+    out.update({k + "_std": float(np.std([r[k] for r in runs])) for k in keys})
+    out["per_class_recall"] = np.nanmean([r["per_class_recall"] for r in runs], axis=0).tolist()
+    out["runs"] = runs
+    return out
+
 
 if __name__ == "__main__":
-    sys.exit("eval_probe.py is not written yet (issue #8); see README.md for what works today.")
+    main(sys.argv[1:])

@@ -168,4 +168,4 @@ def teacher_health(teacher_probs):
     entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1).mean()
     mean = p.mean(dim=0)
     kl_uniform = (mean * torch.log(mean.clamp_min(1e-30) * p.shape[-1])).sum()
-    return {"teacher_entropy": entropy.item(), "teacher_kl_uniform": kl_uniform.item()}
+    return {"teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform}  # tensors: no device sync here

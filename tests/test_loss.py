@@ -170,7 +170,8 @@ def test_teacher_health_signals():
     uniform = torch.full((4, K), 1.0 / K)
     collapsed = torch.zeros(4, K)
     collapsed[:, 3] = 1
-    h_u, h_c = L.teacher_health(uniform), L.teacher_health(collapsed)
+    h_u = {k: float(v) for k, v in L.teacher_health(uniform).items()}
+    h_c = {k: float(v) for k, v in L.teacher_health(collapsed).items()}
     assert h_u["teacher_entropy"] == pytest.approx(math.log(K), rel=1e-5) and abs(h_u["teacher_kl_uniform"]) < 1e-6
     assert h_c["teacher_entropy"] == pytest.approx(0.0, abs=1e-5)
     assert h_c["teacher_kl_uniform"] == pytest.approx(math.log(K), rel=1e-5)
