@@ -324,8 +324,8 @@ def mask_upperbound(n_crops, grid=16, ratio_min_max=(0.1, 0.45), sample_prob=0.5
     return sum(int(grid * grid * bins[i + 1]) for i in range(n_masked))
 
 
-def collate(samples, ratio_min_max=(0.1, 0.45), sample_prob=0.5, grid=16, generator=None):
-    """Stack a list of multicrop outputs (path a or b) into a batch with iBOT masks:
+def collate(samples, ratio_min_max=(0.1, 0.45), sample_prob=0.5, grid=16, generator=None, masks=None):
+    """Stack a list of multicrop outputs (path a or b) into a batch with iBOT masks (drawn here unless given):
     global_crops (2B, 3, S, S) ordered [g1 of all samples; g2 of all], local_crops (nB, 3, s, s) by crop index,
     masks (2B, grid^2) bool, mask_indices (flat indices of masked tokens into 2B * grid^2), masks_weight (1 / masked
     count of the token's image, per masked token), n_masked, upperbound; colour params stacked alike (path b)."""
@@ -339,14 +339,18 @@ def collate(samples, ratio_min_max=(0.1, 0.45), sample_prob=0.5, grid=16, genera
             keys = samples[0][f"{kind}_params"].keys()
             batch[f"{kind}_params"] = {k: torch.stack([s[f"{kind}_params"][k][i] for i in range(n) for s in samples])
                                        for k in keys}
-    if "index" in samples[0]:
-        batch["index"] = torch.tensor([s["index"] for s in samples])
+    for key in ("index", "epoch", "position"):
+        if key in samples[0]:
+            batch[key] = torch.tensor([s[key] for s in samples])
     n_crops = n_global * len(samples)
-    masks = sample_masks(n_crops, grid, ratio_min_max, sample_prob, generator)
+    drawn = masks is None
+    if drawn:
+        masks = sample_masks(n_crops, grid, ratio_min_max, sample_prob, generator)
     counts = masks.sum(dim=1)
     batch["masks"] = masks
     batch["mask_indices"] = masks.flatten().nonzero().flatten()
     batch["masks_weight"] = (1.0 / counts.clamp(min=1)).unsqueeze(1).expand_as(masks)[masks]
     batch["n_masked"] = int(counts.sum())
-    batch["upperbound"] = mask_upperbound(n_crops, grid, ratio_min_max, sample_prob)
+    # DINOv2's static buffer bound; for given masks (sliced from a larger batch) only their own count is known
+    batch["upperbound"] = mask_upperbound(n_crops, grid, ratio_min_max, sample_prob) if drawn else batch["n_masked"]
     return batch

@@ -93,17 +93,16 @@ class MultiCropDataset(torch.utils.data.Dataset):
         return len(self.store)
 
     def __getitem__(self, key):
-        epoch, index = key
+        epoch, index, position = key
         patch, _ = self.store[index]
         g = sample_generator(self.seed, epoch, index)
         out = (augment.multicrop_uint8 if self.on_device else augment.multicrop)(patch, g, self.cfg)
-        out["index"] = index
-        out["epoch"] = epoch
+        out.update(index=index, epoch=epoch, position=position)
         return out
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """Yields (epoch, store index) forever. Global sample s belongs to epoch s // n and is item s % n of that
+    """Yields (epoch, store index, global sample number) forever. Global sample s belongs to epoch s // n and is item s % n of that
     epoch's permutation (seeded by seed and epoch). Step t's global batch is samples [tG, (t+1)G), G = world x B,
     and rank r takes the r-th block of B of it: the ranks' parts of every epoch are disjoint and cover it, the
     global batch does not depend on the number of ranks, and `start` (this rank's samples already consumed,
@@ -120,11 +119,12 @@ class InfiniteSampler(torch.utils.data.Sampler):
         return (k // self.B) * self.B * self.world + self.rank * self.B + k % self.B
 
     def item(self, k):
-        epoch, j = divmod(self.position(k), self.n)
+        position = self.position(k)
+        epoch, j = divmod(position, self.n)
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).numpy(), epoch
-        return epoch, int(self._perm[j])
+        return epoch, int(self._perm[j]), position
 
     def __iter__(self):
         k = self.start
@@ -136,10 +136,16 @@ class InfiniteSampler(torch.utils.data.Sampler):
         return 2 ** 62
 
 
-def collate_batch(samples, seed=0, **mask_kw):
-    # masks are seeded by the batch's first sample, so they too are reproducible on resume
-    g = sample_generator(seed + 7919, samples[0]["epoch"], samples[0]["index"])
-    return augment.collate(samples, generator=g, **mask_kw)
+def collate_batch(samples, global_batch, seed=0, ratio_min_max=(0.1, 0.45), sample_prob=0.5, grid=16):
+    """augment.collate with iBOT masks drawn for the whole global batch (seeded by the global step, stratified as
+    DINOv2's collate over all its global crops) and sliced to this rank's samples: batches, masks included, are
+    then identical for any split of the global batch, and reproducible on resume."""
+    step = samples[0]["position"] // global_batch
+    g = sample_generator(seed + 7919, step, 0)
+    masks = augment.sample_masks(2 * global_batch, grid, ratio_min_max, sample_prob, g)  # rows [g1 all; g2 all]
+    slots = [s["position"] % global_batch for s in samples]
+    rows = [v * global_batch + slot for v in range(2) for slot in slots]
+    return augment.collate(samples, masks=masks[rows])
 
 
 def make_loader(store, batch_size, cfg=None, seed=0, rank=0, world_size=1, start=0, on_device=False, workers=4,
@@ -149,8 +155,10 @@ def make_loader(store, batch_size, cfg=None, seed=0, rank=0, world_size=1, start
     dataset = MultiCropDataset(store, cfg, seed, on_device)
     sampler = InfiniteSampler(len(store), batch_size, rank, world_size, seed, start)
     grid = (cfg or augment.AugmentConfig()).global_size // 14
-    collate = partial(collate_batch, seed=seed, ratio_min_max=mask_ratio, sample_prob=mask_prob, grid=grid)
-    return torch.utils.data.DataLoader(
+    collate = partial(collate_batch, global_batch=batch_size * world_size, seed=seed, ratio_min_max=mask_ratio,
+                      sample_prob=mask_prob, grid=grid)
+    return torch.utils.data.DataLoader(  # own generator: creating workers must not consume the global RNG
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+        generator=torch.Generator().manual_seed(seed),
         pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
         prefetch_factor=prefetch_factor if workers > 0 else None)

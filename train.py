@@ -195,23 +195,21 @@ def schedules(step, args, world_size):
 
 class MetaArch(nn.Module):
     """Backbone + DINO head + iBOT head. The student runs forward() on masked global and local crops (under DDP);
-    the teacher runs it on unmasked global crops. Masked patch tokens are gathered into a buffer of fixed length
-    `upperbound` (zero padded) so that shapes stay static."""
+    the teacher runs it on unmasked global crops. The iBOT head sees only the masked patch tokens (the heads run
+    eagerly, so their varying count costs no recompilation; DINOv2 pads them to a static bound for FSDP)."""
 
     def __init__(self, backbone, dino_head, ibot_head):
         super().__init__()
         self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
 
-    def forward(self, global_crops, local_crops=None, masks=None, mask_indices=None, upperbound=None):
+    def forward(self, global_crops, local_crops=None, masks=None, mask_indices=None):
         crops = [global_crops] if local_crops is None else [global_crops, local_crops]
         feats = self.backbone.forward_features(crops, [masks] + [None] * (len(crops) - 1))
         cls = [f["x_norm_clstoken"] for f in feats]
-        patches = feats[0]["x_norm_patchtokens"]  # (2B, N, D)
-        buffer = patches.new_zeros(upperbound, patches.shape[-1])
-        buffer[:mask_indices.numel()] = patches.flatten(0, 1)[mask_indices]
+        masked = feats[0]["x_norm_patchtokens"].flatten(0, 1)[mask_indices]  # (n_masked, D)
         dino = self.dino_head(torch.cat(cls))  # one head call for global and local CLS tokens
         return {"global_cls": cls[0], "dino_global": dino[:len(global_crops)], "dino_local": dino[len(global_crops):],
-                "ibot": self.ibot_head(buffer)}
+                "ibot": self.ibot_head(masked)}
 
 
 def build_models(args):
@@ -287,29 +285,26 @@ def prepare_batch(batch, args, device, aug_cfg):
 
 def compute_losses(student, teacher, batch, sched, args, centers):
     """Teacher targets, student outputs, and the recipe's loss terms (recipe.md §4)."""
-    g, n_masked = batch["global_crops"], batch["n_masked"]
-    B = g.shape[0] // 2
+    g = batch["global_crops"]
     with torch.no_grad():
-        t = teacher(g, masks=None, mask_indices=batch["mask_indices"], upperbound=batch["upperbound"])
+        t = teacher(g, mask_indices=batch["mask_indices"])
         t_dino = torch.cat(t["dino_global"].chunk(2)[::-1])  # [g2; g1]: student g1 learns from teacher g2
         if args.centering == "sinkhorn_knopp":
             q_dino = L.sinkhorn_knopp(t_dino, sched["teacher_temp"])
-            q_ibot = L.sinkhorn_knopp(t["ibot"], sched["teacher_temp"], n_valid=n_masked)
+            q_ibot = L.sinkhorn_knopp(t["ibot"], sched["teacher_temp"])
         else:
             q_dino = L.softmax_center(t_dino, centers["dino"], sched["teacher_temp"])
-            q_ibot = L.softmax_center(t["ibot"][:n_masked], centers["ibot"], sched["teacher_temp"])
-            q_ibot = torch.cat([q_ibot, q_ibot.new_zeros(t["ibot"].shape[0] - n_masked, q_ibot.shape[1])])
+            q_ibot = L.softmax_center(t["ibot"], centers["ibot"], sched["teacher_temp"])
             centers["dino"] = L.update_center(centers["dino"], t_dino)
-            centers["ibot"] = L.update_center(centers["ibot"], t["ibot"][:n_masked].mean(0, keepdim=True))
-    s = student(g, batch["local_crops"], batch["masks"], batch["mask_indices"], batch["upperbound"])
+            centers["ibot"] = L.update_center(centers["ibot"], t["ibot"].mean(0, keepdim=True))
+    s = student(g, batch["local_crops"], batch["masks"], batch["mask_indices"])
     n_terms = 2 * args.n_local_crops + 2  # (teacher view, student view) pairs, never a view with itself
-    weights = torch.zeros(s["ibot"].shape[0], device=g.device)
-    weights[:n_masked] = batch["masks_weight"]
     terms = {
         "dino_local": L.dino_loss(s["dino_local"].chunk(args.n_local_crops), q_dino.chunk(2),
                                   args.student_temp) / n_terms,
         "dino_global": L.dino_loss([s["dino_global"]], [q_dino], args.student_temp) * 2 / n_terms,
-        "ibot": args.ibot_weight * L.ibot_loss(s["ibot"], q_ibot, weights, 2 * B, args.student_temp),
+        "ibot": args.ibot_weight * L.ibot_loss(s["ibot"], q_ibot, batch["masks_weight"], g.shape[0],
+                                               args.student_temp),
     }
     views = s["global_cls"].chunk(2)
     if args.kde_weight:
@@ -426,7 +421,6 @@ def main(argv=None):
     rank, world, local = setup_distributed(args)
     master = rank == 0
     device = torch.device(args.device, local) if args.device == "cuda" else torch.device("cpu")
-    torch.manual_seed(args.seed + rank)  # drop-path subsets differ per rank; data and masks are seeded per sample
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -438,7 +432,9 @@ def main(argv=None):
     aug_cfg = replace(augment.AugmentConfig(), global_size=args.global_size, local_size=args.local_size,
                       n_local_crops=args.n_local_crops, hed_prob=args.hed_prob, hed_range=args.hed_range)
 
+    torch.manual_seed(args.seed)  # the same initial student *and teacher* on every rank (DDP syncs only the student)
     student, teacher = build_models(args)
+    torch.manual_seed(args.seed + rank)  # drop-path subsets differ per rank; data and masks are seeded per sample
     student.to(device)
     teacher.to(device)
     groups = param_groups(student, args)
@@ -498,6 +494,11 @@ def main(argv=None):
                                  "from an earlier checkpoint")
         else:
             bad_in_a_row = 0
+        if step % args.log_every == 0 or step == args.steps:
+            if world > 1:  # the logged terms are global-batch means (each rank's loss is its local mean)
+                vals = torch.stack([out[k].float() for k in out])
+                dist.all_reduce(vals)
+                out = dict(zip(out, (vals / world).tolist()))
         if master and (step % args.log_every == 0 or step == args.steps):
             dt = time.time() - t_last
             rec = {"step": step, **{k: round(float(v), 5) for k, v in out.items()}, **sched,

@@ -216,11 +216,11 @@ def test_ranks_are_disjoint_and_cover_each_epoch():
     per_rank = -(-n // (B * W)) * B  # steps to cover an epoch x B
     seen = [take(data.InfiniteSampler(n, B, r, W, seed=3), per_rank * 3) for r in range(W)]
     for epoch in range(2):
-        items = [idx for r in range(W) for (e, idx) in seen[r] if e == epoch]
+        items = [idx for r in range(W) for (e, idx, _) in seen[r] if e == epoch]
         assert sorted(items) == list(range(n))  # every patch exactly once per epoch, over all ranks
-    assert [e for e, _ in seen[0]].count(0) + [e for e, _ in seen[1]].count(0) == n
-    e0 = [idx for e, idx in seen[0] if e == 0]
-    e1 = [idx for e, idx in seen[0] if e == 1]
+    assert [e for e, _, _ in seen[0]].count(0) + [e for e, _, _ in seen[1]].count(0) == n
+    e0 = [idx for e, idx, _ in seen[0] if e == 0]
+    e1 = [idx for e, idx, _ in seen[0] if e == 1]
     assert e0 != e1[:len(e0)]  # reshuffled per epoch
 
 
@@ -247,6 +247,14 @@ def test_loader_batches_are_seeded_by_sample_not_worker(tmp_path):
     c = next(it)
     assert not torch.equal(b["index"], c["index"])
     resumed = next(iter(data.make_loader(store, 3, seed=5, workers=0, on_device=True, start=3)))
-    assert torch.equal(resumed["local_crops"], c["local_crops"])
+    assert torch.equal(resumed["local_crops"], c["local_crops"]) and torch.equal(resumed["masks"], c["masks"])
+    # the same global batch of 6 split over two ranks: the same crops and the same masks, row for row
+    whole = next(iter(data.make_loader(store, 6, seed=5, workers=0, on_device=True)))
+    halves = [next(iter(data.make_loader(store, 3, seed=5, rank=r, world_size=2, workers=0, on_device=True)))
+              for r in range(2)]
+    for key in ("global_crops", "masks"):  # rows are [g1 of the batch; g2 of the batch]
+        g1 = torch.cat([h[key][:3] for h in halves])
+        g2 = torch.cat([h[key][3:] for h in halves])
+        assert torch.equal(torch.cat([g1, g2]), whole[key]), key
     path_a = next(iter(data.make_loader(store, 3, seed=5, workers=0, on_device=False)))
     assert path_a["global_crops"].dtype == torch.float32

@@ -1,0 +1,158 @@
+"""train.py: steps run, schedules, parameter groups, exact resume, DDP equivalence, exports, signals, guards."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import loss as L
+import model as M
+import train
+from conftest import ROOT, tiny_train_args
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if '"loss"' in line]
+
+
+def test_a_few_steps_run_the_loss_moves_and_the_export_loads(small_store, tmp_path):
+    train.main(tiny_train_args(small_store, tmp_path, "--steps", 5))
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(r["loss"]) for r in rows) and rows[0]["loss"] != rows[-1]["loss"]
+    assert rows[0]["last_layer_lr"] == 0 and rows[1]["last_layer_lr"] > 0  # prototypes frozen for 1 step
+    for key in ("dino_local", "dino_global", "ibot", "kde", "teacher_entropy", "teacher_kl_uniform", "cls_std",
+                "grad_norm_backbone", "grad_norm_dino_head", "grad_norm_ibot_head", "skipped_steps", "images_per_s"):
+        assert key in rows[-1], key
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 5 and ckpt["args"]["batch_size"] == 4
+    export = torch.load(tmp_path / "teacher_backbone.pth", weights_only=True)
+    hub_keys = set(M.ViT("vit_small", img_size=56, num_register_tokens=4).state_dict())
+    assert set(export) == hub_keys  # the DINOv2 hub layout, nothing else
+    m = M.load_backbone(str(tmp_path / "teacher_backbone.pth"))
+    teacher = {k[len("backbone."):]: v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")}
+    assert all(torch.equal(m.state_dict()[k], teacher[k]) for k in hub_keys)
+    assert os.path.exists(tmp_path / "exports" / "teacher_backbone_0000003.pth")
+
+
+def test_schedules_equal_their_formulas_at_key_steps(tmp_path):
+    init = tmp_path / "w.pth"
+    init.write_bytes(b"")
+    cfg = train.parse_args(["--preset", "openmidnight-config", "--data", "x", "--init", str(init)])
+    s = lambda step: train.schedules(step, cfg, world_size=8)  # noqa: E731
+    lr = 3e-4 * math.sqrt(384 / 1024)
+    assert s(0)["lr"] == 0 and s(12_499)["lr"] == pytest.approx(lr) and s(12_500)["lr"] == pytest.approx(lr)
+    assert s(6250)["lr"] == pytest.approx(lr * 6250 / 12_499)
+    mid = 12_500 + (137_500 - 12_500) / 2
+    assert s(int(mid))["lr"] == pytest.approx(1e-6 + 0.5 * (lr - 1e-6), rel=1e-6)
+    assert s(137_499)["lr"] == pytest.approx(1e-6, abs=1e-9) and s(200_000)["lr"] == 1e-6
+    assert s(68_750)["wd"] == pytest.approx(0.12) and s(68_750)["momentum"] == pytest.approx(0.997)
+    assert s(0)["wd"] == pytest.approx(0.04) and s(137_500)["momentum"] == 1.0
+    assert s(0)["teacher_temp"] == 0.04 and s(37_499)["teacher_temp"] == pytest.approx(0.07)
+    assert s(18_000)["teacher_temp"] == pytest.approx(0.04 + 0.03 * 18_000 / 37_499)
+    assert s(1249)["last_layer_lr"] == 0 and s(1250)["last_layer_lr"] == s(1250)["lr"] > 0
+    # the released run: schedules stretched over 10M steps -> effectively constant (recipe.md §8's table)
+    blog = train.parse_args(["--preset", "openmidnight", "--data", "x", "--init", str(init)])
+    b = train.schedules(249_999, blog, world_size=8)
+    assert b["lr"] == pytest.approx(1.2231e-4, rel=1e-3) and b["wd"] == pytest.approx(0.0402, abs=1e-4)
+    assert b["momentum"] == pytest.approx(0.99401, abs=1e-5) and blog.steps == 250_000
+
+
+def test_parameter_groups_decay_and_lr_multipliers():
+    args = train.parse_args(["--preset", "vits", "--data", "x", "--layerwise-decay", "0.9", "--n-prototypes", "32",
+                             "--head-hidden", "16", "--head-bottleneck", "8"])
+    student, _ = train.build_models(args)
+    where = {}
+    for g in train.param_groups(student, args):
+        for name in g["names"]:
+            where[name] = g
+    no_decay = {n for n, g in where.items() if g["wd_mult"] == 0}
+    assert "backbone.blocks.0.norm1.weight" in no_decay and "backbone.blocks.3.attn.qkv.bias" in no_decay
+    assert "backbone.blocks.5.ls1.gamma" in no_decay and "backbone.norm.bias" in no_decay
+    for decayed in ("backbone.cls_token", "backbone.pos_embed", "backbone.register_tokens", "backbone.mask_token",
+                    "backbone.patch_embed.proj.weight", "dino_head.last_layer.weight_g",
+                    "ibot_head.last_layer.weight_v", "backbone.blocks.0.attn.qkv.weight"):
+        assert where[decayed]["wd_mult"] == 1.0, decayed
+    lr = {n: g["lr_mult"] for n, g in where.items()}
+    assert lr["backbone.blocks.0.attn.qkv.weight"] == pytest.approx(0.9 ** 12)
+    assert lr["backbone.blocks.11.mlp.fc2.weight"] == pytest.approx(0.9)
+    assert lr["backbone.pos_embed"] == pytest.approx(0.9 ** 13)
+    assert lr["backbone.patch_embed.proj.weight"] == pytest.approx(0.9 ** 13 * 0.2)
+    assert lr["backbone.norm.weight"] == 1.0 and lr["dino_head.mlp.0.weight"] == 1.0
+    assert {n for n, g in where.items() if g["last_layer"]} == {
+        "dino_head.last_layer.weight_g", "dino_head.last_layer.weight_v", "ibot_head.last_layer.weight_g",
+        "ibot_head.last_layer.weight_v"}
+
+
+def test_stop_at_step_k_and_resume_reproduces_the_uninterrupted_run(small_store, tmp_path):
+    train.main(tiny_train_args(small_store, tmp_path / "a", "--steps", 5))
+    train.main(tiny_train_args(small_store, tmp_path / "b", "--steps", 2, "--schedule-steps", 5))
+    train.main(tiny_train_args(small_store, tmp_path / "b", "--steps", 5))  # resumes at step 2
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"] and ra["lr"] == rb["lr"], (ra["step"], ra["loss"], rb["loss"])
+    ta = torch.load(tmp_path / "a" / "teacher_backbone.pth", weights_only=True)
+    tb = torch.load(tmp_path / "b" / "teacher_backbone.pth", weights_only=True)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(small_store, tmp_path):
+    common = ["--steps", 3, "--drop-path", 0, "--kde-weight", 0, "--koleo-weight", 0]
+    one = tiny_train_args(small_store, tmp_path / "one", *common)
+    train.main(one)
+    two = tiny_train_args(small_store, tmp_path / "two", *common)
+    two[two.index("--batch-size") + 1] = "2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(ROOT, "train.py"), *two], check=True, cwd=ROOT, env=env, capture_output=True)
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        for key in ("loss", "dino_local", "dino_global", "ibot"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4), (ra["step"], key)
+    ta = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["student"]
+    tb = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["student"]
+    assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-3
+
+
+def test_sigterm_writes_a_loadable_checkpoint_and_exits_cleanly(small_store, tmp_path):
+    argv = tiny_train_args(small_store, tmp_path, "--steps", 10_000, "--checkpoint-every", 10_000)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert 2 <= ckpt["step"] < 10_000 and set(ckpt) >= {"student", "teacher", "optimizer", "rng", "args"}
+
+
+def test_non_finite_loss_skips_steps_then_aborts(small_store, tmp_path, monkeypatch):
+    monkeypatch.setattr(L, "kde_loss", lambda *a, **k: torch.tensor(float("nan")))
+    with pytest.raises(SystemExit, match="non-finite steps in a row"):
+        train.main(tiny_train_args(small_store, tmp_path, "--steps", 10, "--max-bad-steps", 3))
+    assert not os.path.exists(tmp_path / "teacher_backbone.pth")
+
+
+def test_bad_paths_and_flags_fail_at_start_up(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "openmidnight", "--data", "x"])
+    assert "--init" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "vits", "--data", "x", "--init", str(tmp_path / "missing.pth")])
+    assert "never downloaded" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "vits"])
+    assert "--data" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="prepare_patches.py"):
+        train.main(["--preset", "vits", "--data", str(tmp_path / "nostore"), "--device", "cpu"])
