@@ -1,5 +1,262 @@
-"""bench.py: not written yet (tracked in issue #7). Running it fails loudly instead of pretending."""
+"""
+Benchmarks, nanoGPT-style: each prints what it measured; nothing here is a test.
+
+    python bench.py step  [--preset vits] [--batch-size 4] [train.py flags...]   # a training step, phase by phase
+    python bench.py aug   [--patches 40]                  # CPU cost per sample of path (a) and of path (b)'s CPU part
+    python bench.py data  [--patches-per-level 1000]      # prepare_patches rate, decoded samples/s per worker
+    python bench.py forward [--arch vit_small]            # 2 global + 8 local crops: one list call vs two calls
+
+On an H100/H200: python bench.py step --preset openmidnight --init dinov2_vitg14_reg4_pretrain.pth (or without
+--init: random weights time the same) --batch-size 48.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
 import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -----------------------------------------------------------------------------
+# analytic FLOPs of one training image
+
+
+def vit_forward_flops(n_tokens, dim, depth, ffn_hidden, ffn, n_patches, patch_size=14, keep=1.0):
+    """Matmul FLOPs (2 per multiply-add) of a ViT forward on one image of n_tokens tokens:
+    per block and token 8 D^2 (qkv 6 D^2 + proj 2 D^2), the FFN (mlp 4 D h, SwiGLU 6 D h), and attention 4 n D
+    (QK^T and AV); `keep` scales the block work for batch-subset drop path (each branch runs on a fraction of
+    the batch); plus the patch embedding 2 n_p (3 p^2) D."""
+    ffn_per_token = (6 if ffn == "swiglu" else 4) * dim * ffn_hidden
+    block = n_tokens * (8 * dim * dim + ffn_per_token) + 4 * n_tokens * n_tokens * dim
+    return depth * block * keep + 2 * n_patches * 3 * patch_size ** 2 * dim
+
+
+def head_flops(dim, hidden, bottleneck, n_prototypes):
+    return 2 * (dim * hidden + hidden * hidden + hidden * bottleneck + bottleneck * n_prototypes)
+
+
+def train_flops_per_image(args):
+    """Student forward + backward (3x forward) on 2 global + n local crops with drop path, the teacher forward on
+    the 2 global crops, and the DINO/iBOT heads (10 CLS tokens, the masked patch tokens: expected
+    2 crops x mask_prob x mean ratio x grid^2 per image)."""
+    from model import ARCHS, swiglu_hidden
+    a = ARCHS[args.arch]
+    D, depth = a["embed_dim"], a["depth"]
+    h = swiglu_hidden(D) if args.ffn == "swiglu" else 4 * D
+    ng, nl = (args.global_size // 14) ** 2, (args.local_size // 14) ** 2
+    extra = 1 + args.registers
+    B = args.batch_size
+
+    def keep(b):  # fraction of samples whose residual branches run, DINOv2's int(b (1 - p)) rule
+        return max(int(b * (1 - args.drop_path)), 1) / b if args.drop_path > 0.1 else 1.0
+
+    g_fwd = vit_forward_flops(ng + extra, D, depth, h, args.ffn, ng)
+    student = 3 * (2 * vit_forward_flops(ng + extra, D, depth, h, args.ffn, ng, keep=keep(2 * B)) +
+                   args.n_local_crops * vit_forward_flops(nl + extra, D, depth, h, args.ffn, nl,
+                                                          keep=keep(args.n_local_crops * B)))
+    hf = head_flops(D, args.head_hidden, args.head_bottleneck, args.n_prototypes)
+    masked = 2 * args.mask_prob * sum(args.mask_ratio) / 2 * ng
+    heads = 3 * hf * (2 + args.n_local_crops + masked) + hf * (2 + masked)
+    return student + 2 * g_fwd + heads
+
+
+# -----------------------------------------------------------------------------
+# benchmarks
+
+
+def bench_step(argv):
+    import augment
+    import train
+    p = argparse.ArgumentParser()
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU on devices not in PEAK_TFLOPS")
+    own, rest = p.parse_known_args(argv)
+    if own.threads:
+        torch.set_num_threads(own.threads)
+    args = train.parse_args(["--data", "-", "--preset", "vits", *rest] if "--preset" not in rest else
+                            ["--data", "-", *rest])
+    args.init = None if args.init == "-" else args.init
+    device = torch.device(args.device)
+    state = train.build_state(args, device)
+    B, cfg = args.batch_size, augment.AugmentConfig()
+    g = torch.Generator().manual_seed(0)
+    masks = augment.sample_masks(2 * B, args.global_size // 14, tuple(args.mask_ratio), args.mask_prob, g)
+    counts = masks.sum(1)
+    batch = {"global_crops": torch.randn(2 * B, 3, args.global_size, args.global_size, generator=g),
+             "local_crops": torch.randn(args.n_local_crops * B, 3, args.local_size, args.local_size, generator=g),
+             "masks": masks, "mask_indices": masks.flatten().nonzero().flatten(),
+             "masks_weight": (1.0 / counts.clamp(min=1)).unsqueeze(1).expand_as(masks)[masks],
+             "n_masked": int(counts.sum())}
+    if args.gpu_augment:  # time the device colour path too: uint8 crops plus per-crop parameters
+        batch["global_crops"] = torch.randint(0, 256, batch["global_crops"].shape, dtype=torch.uint8, generator=g)
+        batch["local_crops"] = torch.randint(0, 256, batch["local_crops"].shape, dtype=torch.uint8, generator=g)
+        batch["global_params"] = augment.draw_color_params(2 * B, 0.45, cfg, g)
+        batch["local_params"] = augment.draw_color_params(args.n_local_crops * B, 0.5, cfg, g)
+    times = {}
+    last = [0.0]
+
+    def mark(phase):
+        sync(device)
+        now = time.perf_counter()
+        times.setdefault(phase, []).append(now - last[0])
+        last[0] = now
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for it in range(own.warmup + own.iters):
+        if it == own.warmup:
+            times.clear()
+        sync(device)
+        last[0] = t0 = time.perf_counter()
+        b = train.prepare_batch(batch, args, device, cfg)
+        mark("data_to_device_and_colour")
+        train.train_step(state, b, 1000, args, mark)
+        times.setdefault("step", []).append(time.perf_counter() - t0)
+    step = float(np.median(times["step"]))
+    flops = train_flops_per_image(args)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = own.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    achieved = flops * B / step / 1e12
+    result = {"device": name, "arch": args.arch, "ffn": args.ffn, "batch_per_device": B, "prototypes":
+              args.n_prototypes, "compile": args.compile, "dtype": args.dtype, "s_per_step": round(step, 4),
+              "images_per_s": round(B / step, 2), "phases_s": {k: round(float(np.median(v)), 4) for k, v in
+                                                                times.items() if k != "step"},
+              "tflop_per_image": round(flops / 1e12, 4), "achieved_tflops": round(achieved, 2),
+              "mfu": round(achieved / peak, 4) if peak else None,
+              "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device.type == "cuda" else None,
+              "peak_rss_mib": round(peak_rss_mib())}
+    print(json.dumps(result))
+    return result
+
+
+def sample_patches(n, seed=0):
+    """The anchors' benchmark input: 224 px level-0 tiles of the sample slide with >= 60% tissue."""
+    import openslide
+    import prepare_patches
+    slide = openslide.OpenSlide(prepare_patches.SAMPLE_SLIDE)
+    W, H = slide.dimensions
+    tiles = []
+    for y in range(0, H - 223, 224):
+        for x in range(0, W - 223, 224):
+            tile = slide.read_region((x, y), 0, (224, 224)).convert("RGB")
+            if (np.asarray(tile).min(axis=2) < 200).mean() >= 0.6:
+                tiles.append(tile)
+    return tiles[:n]
+
+
+def bench_aug(argv):
+    import augment
+    p = argparse.ArgumentParser()
+    p.add_argument("--patches", type=int, default=41)
+    p.add_argument("--passes", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="loader workers run 1 thread each")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    tiles = sample_patches(a.patches)
+    g = torch.Generator().manual_seed(0)
+    out = {"patches": len(tiles), "threads": a.threads}
+    for name, fn in (("path_a_ms_per_sample", augment.multicrop), ("path_b_cpu_ms_per_sample",
+                                                                    augment.multicrop_uint8)):
+        for t in tiles[:5]:
+            fn(t, g)
+        passes = []
+        for _ in range(a.passes):
+            t0 = time.process_time()  # CPU time of this process: what a loader worker costs
+            for t in tiles:
+                fn(t, g)
+            passes.append((time.process_time() - t0) / len(tiles) * 1000)
+        ms = float(np.median(passes))
+        out[name] = round(ms, 2)
+        out[name.replace("ms_per_sample", "samples_per_s_per_core")] = round(1000 / ms, 1)
+    print(json.dumps(out))
+    return out
+
+
+def bench_data(argv):
+    import data
+    p = argparse.ArgumentParser()
+    p.add_argument("--patches-per-level", type=int, default=1000)
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        # a whole process, start-up included, as the anchors' figure (~250 accepted positions/s per core)
+        cmd = [sys.executable, os.path.join(HERE, "prepare_patches.py"), "--out", tmp, "--no-qc",
+               "--patches-per-level", str(a.patches_per_level)]
+        t0 = time.perf_counter()
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run(cmd, check=True, capture_output=True)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall = time.perf_counter() - t0
+        cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+        store = data.PatchStore(tmp)
+        n = len(store)
+        torch.set_num_threads(1)
+        t0 = time.process_time()
+        for i in range(n):
+            store[i]
+        decode = n / (time.process_time() - t0)
+        ds = data.MultiCropDataset(store, on_device=True)
+        t0 = time.process_time()
+        for i in range(min(n, 200)):
+            ds[(0, i, i)]
+        sample_b = min(n, 200) / (time.process_time() - t0)
+    out = {"prepare_patches_written": n, "prepare_wall_s": round(wall, 2), "prepare_cpu_s": round(cpu, 2),
+           "patches_per_s_per_core": round(n / cpu, 1), "decoded_patches_per_s_per_worker": round(decode, 1),
+           "decoded_and_cropped_samples_per_s_per_worker (path b)": round(sample_b, 1)}
+    print(json.dumps(out))
+    return out
+
+
+def bench_forward(argv):
+    from model import ViT
+    p = argparse.ArgumentParser()
+    p.add_argument("--arch", default="vit_small")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    m = ViT(a.arch, img_size=224, ffn="swiglu" if a.arch == "vit_giant2" else "mlp").to(a.device).eval()
+    g = torch.randn(2 * a.batch_size, 3, 224, 224, device=a.device)
+    loc = torch.randn(8 * a.batch_size, 3, 98, 98, device=a.device)
+    out = {}
+    autocast = torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.device == "cuda")
+    for name, fn in (("list_call_s", lambda: m.forward_features([g, loc])),
+                     ("two_calls_s", lambda: (m.forward_features(g), m.forward_features(loc)))):
+        with torch.no_grad(), autocast:
+            fn()
+            ts = []
+            for _ in range(a.iters):
+                sync(a.device)
+                t0 = time.perf_counter()
+                fn()
+                sync(a.device)
+                ts.append(time.perf_counter() - t0)
+        out[name] = round(float(np.median(ts)), 4)
+    print(json.dumps({"arch": a.arch, "batch": a.batch_size, **out}))
+    return out
+
 
 if __name__ == "__main__":
-    sys.exit("bench.py is not written yet (issue #7); see README.md for what works today.")
+    which = sys.argv[1] if len(sys.argv) > 1 else "step"
+    benches = {"step": bench_step, "aug": bench_aug, "data": bench_data, "forward": bench_forward}
+    if which not in benches:
+        sys.exit(f"usage: python bench.py {{{','.join(benches)}}} [flags]")
+    benches[which](sys.argv[2:])

@@ -42,28 +42,23 @@ def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3, n_valid=None):
     Q = exp(z / T), then alternately make every prototype's total mass 1/K (a sum over the *global* batch,
     all-reduced) and every sample's mass 1/B; finally each sample's row sums to 1.
 
-    teacher_logits: (b, K) on this rank. n_valid: only the first n_valid rows are real (the iBOT case, where the
-    masked tokens sit in a zero-padded buffer); padding rows are left out of every sum and come back as zeros.
-    Computed in the log domain: the constants 1/K, 1/B and DINOv2's first total-mass normalisation cancel in the
-    final per-sample normalisation, so the result is DINOv2's up to float rounding, but logits of any magnitude
-    (1e4 / 0.04 overflows exp) stay finite. Returns (b, K) float32."""
+    teacher_logits: (b, K) on this rank. n_valid: only the first n_valid rows are real (e.g. masked tokens in a
+    zero-padded buffer); padding rows are left out of every sum and come back as zeros.
+    Before exp, each prototype's max over the global batch is subtracted: a per-prototype factor is undone by
+    the prototype normalisation that comes first, so this is exact, and logits of any magnitude stay finite
+    (1e4 / 0.04 overflows a plain exp). DINOv2's initial total-mass normalisation and the constants 1/K, 1/B
+    cancel in the next normalisation and are left out. Returns (b, K) float32."""
     with _no_autocast(teacher_logits):
-        L = teacher_logits.float() / teacher_temp  # (b, K)
-        if n_valid is not None:
-            L = L[:n_valid]
+        n = teacher_logits.shape[0] if n_valid is None else int(n_valid)
+        L = teacher_logits[:n].float()
+        m = L.max(dim=0).values if n else L.new_full(L.shape[1:], -float("inf"))
+        m = _all_reduce(m, dist.ReduceOp.MAX if _distributed() else None)
+        Q = torch.sub(L, torch.where(torch.isfinite(m), m, torch.zeros_like(m))).div_(teacher_temp).exp_()  # (n, K)
         for _ in range(n_iterations):
-            # prototype normalisation: log of each prototype's summed mass over the global batch (a distributed
-            # logsumexp: max, then sum of exp, both all-reduced)
-            m = L.max(dim=0).values if L.shape[0] else L.new_full(L.shape[1:], -float("inf"))
-            m = _all_reduce(m.clone(), dist.ReduceOp.MAX if _distributed() else None)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            s = _all_reduce(torch.exp(L - m).sum(dim=0))
-            L = L - (m + torch.log(s))
-            # sample normalisation (local: a sample's row lives on one rank)
-            L = L - torch.logsumexp(L, dim=1, keepdim=True)
-        Q = torch.exp(L)
-        if n_valid is not None and n_valid < teacher_logits.shape[0]:
-            Q = torch.cat([Q, Q.new_zeros(teacher_logits.shape[0] - n_valid, Q.shape[1])])
+            Q /= _all_reduce(Q.sum(dim=0)).clamp_min(1e-30)  # prototypes: over the global batch (0/0 guarded)
+            Q /= Q.sum(dim=1, keepdim=True).clamp_min(1e-30)  # samples: each row sums to 1
+        if n < teacher_logits.shape[0]:
+            Q = torch.cat([Q, Q.new_zeros(teacher_logits.shape[0] - n, Q.shape[1])])
         return Q
 
 

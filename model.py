@@ -251,8 +251,8 @@ class WeightNormLinear(nn.Module):
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1))  # DINOv2 fills g with 1 and keeps it trainable
 
     def forward(self, x):
-        w = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
-        return F.linear(x, w.to(x.dtype))
+        # torch._weight_norm is the fused kernel behind nn.utils.weight_norm: g * v / ||v|| over dim 0's rows
+        return F.linear(x, torch._weight_norm(self.weight_v, self.weight_g, 0).to(x.dtype))
 
 
 class DINOHead(nn.Module):

@@ -283,8 +283,9 @@ def prepare_batch(batch, args, device, aug_cfg):
     return out
 
 
-def compute_losses(student, teacher, batch, sched, args, centers):
-    """Teacher targets, student outputs, and the recipe's loss terms (recipe.md §4)."""
+def compute_losses(student, teacher, batch, sched, args, centers, mark=lambda phase: None):
+    """Teacher targets, student outputs, and the recipe's loss terms (recipe.md §4). `mark(phase)` lets bench.py
+    time the phases."""
     g = batch["global_crops"]
     with torch.no_grad():
         t = teacher(g, mask_indices=batch["mask_indices"])
@@ -297,6 +298,7 @@ def compute_losses(student, teacher, batch, sched, args, centers):
             q_ibot = L.softmax_center(t["ibot"], centers["ibot"], sched["teacher_temp"])
             centers["dino"] = L.update_center(centers["dino"], t_dino)
             centers["ibot"] = L.update_center(centers["ibot"], t["ibot"].mean(0, keepdim=True))
+    mark("teacher")
     s = student(g, batch["local_crops"], batch["masks"], batch["mask_indices"])
     n_terms = 2 * args.n_local_crops + 2  # (teacher view, student view) pairs, never a view with itself
     terms = {
@@ -312,10 +314,11 @@ def compute_losses(student, teacher, batch, sched, args, centers):
     if args.koleo_weight:
         terms["koleo"] = args.koleo_weight * sum(L.koleo_loss(v) for v in views)
     health = {**L.teacher_health(q_dino), "cls_std": s["global_cls"].detach().float().std(0).mean()}
+    mark("student_forward")
     return terms, health
 
 
-def train_step(state, batch, step, args):
+def train_step(state, batch, step, args, mark=lambda phase: None):
     """Forward, backward, clip, AdamW, EMA. A non-finite loss or gradient skips the step (same on every rank,
     since gradients are all-reduced before the check)."""
     student, teacher, opt = state["student"], state["teacher"], state["opt"]
@@ -325,17 +328,20 @@ def train_step(state, batch, step, args):
         group["weight_decay"] = sched["wd"] * group["wd_mult"]
     autocast = torch.autocast(args.device, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     with autocast:
-        terms, health = compute_losses(student, teacher, batch, sched, args, state["centers"])
+        terms, health = compute_losses(student, teacher, batch, sched, args, state["centers"], mark)
     total = sum(terms.values())
     opt.zero_grad(set_to_none=True)
     total.backward()
+    mark("backward")
     raw = state["student_raw"]
     norms = {f"grad_norm_{name}": nn.utils.clip_grad_norm_(getattr(raw, name).parameters(), args.clip_grad)
              for name in ("backbone", "dino_head", "ibot_head")}
     finite = bool(torch.isfinite(torch.stack([total.detach(), *norms.values()])).all())  # one sync per step
     if finite:
         opt.step()
+        mark("optimizer")
         ema_update(teacher, raw, sched["momentum"])
+        mark("ema")
     out = {"loss": total, **terms, **norms, **health}
     return {k: v.detach() if torch.is_tensor(v) else v for k, v in out.items()}, sched, finite
 
@@ -405,6 +411,28 @@ def setup_distributed(args):
     return rank, world, local
 
 
+def build_state(args, device, rank=0, world=1, local=0):
+    """Student (DDP-wrapped when distributed), EMA teacher, fused AdamW over DINOv2's parameter groups, centres."""
+    torch.manual_seed(args.seed)  # the same initial student *and teacher* on every rank (DDP syncs only the student)
+    student, teacher = build_models(args)
+    torch.manual_seed(args.seed + rank)  # drop-path subsets differ per rank; data and masks are seeded per sample
+    student.to(device)
+    teacher.to(device)
+    groups = param_groups(student, args)
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=0.0,
+                            betas=(0.9, 0.999), fused=bool(args.fused_adamw))
+    if args.compile:
+        for m in (student, teacher):
+            for blk in m.backbone.blocks:
+                blk.compile()
+    state = {"student_raw": student, "teacher": teacher, "opt": opt, "world_size": world, "skipped": 0,
+             "student": DDP(student, device_ids=[local] if args.device == "cuda" else None,
+                            gradient_as_bucket_view=True) if world > 1 else student,  # grads are the buckets
+             "centers": {"dino": torch.zeros(1, args.n_prototypes, device=device),
+                         "ibot": torch.zeros(1, args.n_prototypes, device=device)}}
+    return state
+
+
 def ensure_demo_data(args):
     """The demo prepares its patch store (and a small labelled probe set) from the bundled slide if needed."""
     import prepare_patches
@@ -432,22 +460,7 @@ def main(argv=None):
     aug_cfg = replace(augment.AugmentConfig(), global_size=args.global_size, local_size=args.local_size,
                       n_local_crops=args.n_local_crops, hed_prob=args.hed_prob, hed_range=args.hed_range)
 
-    torch.manual_seed(args.seed)  # the same initial student *and teacher* on every rank (DDP syncs only the student)
-    student, teacher = build_models(args)
-    torch.manual_seed(args.seed + rank)  # drop-path subsets differ per rank; data and masks are seeded per sample
-    student.to(device)
-    teacher.to(device)
-    groups = param_groups(student, args)
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=0.0,
-                            betas=(0.9, 0.999), fused=bool(args.fused_adamw))
-    if args.compile:
-        for m in (student, teacher):
-            for blk in m.backbone.blocks:
-                blk.compile()
-    state = {"student_raw": student, "teacher": teacher, "opt": opt, "world_size": world, "skipped": 0,
-             "student": DDP(student, device_ids=[local] if args.device == "cuda" else None) if world > 1 else student,
-             "centers": {"dino": torch.zeros(1, args.n_prototypes, device=device),
-                         "ibot": torch.zeros(1, args.n_prototypes, device=device)}}
+    state = build_state(args, device, rank, world, local)
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     start = 0
