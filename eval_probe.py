@@ -460,6 +460,10 @@ def main(argv=None):
     args = get_args(argv)
     t0 = time.time()
     splits, classes = LOADERS[args.dataset](args.data, args.seed)
+    has_split_dirs = any(os.path.isdir(os.path.join(args.data, s)) for s in ("train", "val", "test"))
+    split_made = args.dataset == "imagefolder" and not has_split_dirs
+    if split_made:
+        print(f"{args.data} has no train/val/test folders: a seeded (--seed {args.seed}) stratified 60/20/20 split")
     for s in list(splits):
         if not splits[s]:
             del splits[s]
@@ -479,7 +483,8 @@ def main(argv=None):
     train, val, test = feats["train"], feats["val"], feats[report_split]
     patience = args.patience or PATIENCE.get(args.dataset, 100)
     results = {"settings": {**vars(args), "patience": patience, "classes": classes, "reported_split": report_split,
-                            "validation_made_from_train": made_split, "cache": cache_path,
+                            "validation_made_from_train": made_split,
+                            "split_made_from_single_folder": split_made, "cache": cache_path,
                             "n": {s: len(f["y"]) for s, f in feats.items()},
                             "unreadable": {s: len(f["unreadable"]) for s, f in feats.items()}}}
     C = len(classes)

@@ -252,7 +252,9 @@ def process_slide(job):
     except Exception as e:  # unreadable, truncated, corrupt, not a slide: skip with the reason
         return {"slide": path, "key": key, "n_patches": 0, "status": "skipped", "reason": f"{type(e).__name__}: {e}"}
     if not payloads:
-        report.update(status="skipped", reason="no patch passed the tissue test (or no level fits a patch)")
+        why = [v["skipped"] for v in report["levels"].values() if "skipped" in v] + report.get("problems", [])
+        report.update(status="skipped", reason="; ".join(why) or "no patch passed the tissue test "
+                      f"(accept rates {[v.get('accept_rate') for v in report['levels'].values()]})")
         return report
     report.update(status="ok", seconds=round(time.time() - t0, 2))
     lengths = np.array([len(p) for p in payloads], dtype=np.int64)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import augment
 import data
 import loss as L
-from model import DINOHead, ViT, backbone_state_dict, load_into
+from model import ARCHS, DINOHead, ViT, backbone_state_dict, load_into
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -58,8 +58,9 @@ def get_args_parser():
     g.add_argument("--init", default=None, help="local DINOv2 checkpoint to start from, e.g. "
                    "dinov2_vitg14_reg4_pretrain.pth (any layout model.load_backbone reads); none = random init")
     g.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
-    g.add_argument("--log-every", type=int, default=20)
-    g.add_argument("--checkpoint-every", type=int, default=1000, help="steps between resumable checkpoints")
+    g.add_argument("--log-every", type=int, default=20, help="steps between metrics.jsonl lines")
+    g.add_argument("--checkpoint-every", type=int, default=1000,
+                   help="steps between resumable checkpoints (ViT-g: ~20 GB each; SIGTERM also writes one)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="numbered checkpoints kept besides the latest")
     g.add_argument("--export-every", type=int, default=5000, help="steps between teacher-backbone exports")
     g.add_argument("--probe-data", default=None, help="a small labelled image folder: kNN probe of the teacher")
@@ -70,14 +71,17 @@ def get_args_parser():
     g.add_argument("--registers", type=int, default=4, help="register tokens (0 or 4); must match --init")
     g.add_argument("--patch-size", type=int, default=14)
     g.add_argument("--drop-path", type=float, default=0.4,
-                   help="student stochastic depth, uniform over blocks (recipe: 0.4 for ViT-g, 0.1 for ViT-S)")
+                   help="student stochastic depth, uniform over blocks (recipe: 0.4 for ViT-g, 0.1 for ViT-S); "
+                   "above 0.1 the branches run on the kept samples only, which saves compute")
     g.add_argument("--layerscale", type=float, default=1e-5)
     g.add_argument("--random-pos-embed", action="store_true",
                    help="OpenMidnight@blog quirk: do not load the pretrained pos-embed (random 16x16 init)")
     g.add_argument("--interpolate-antialias", type=int, default=1, choices=[0, 1],
                    help="pos-embed resizing for local crops (hub reg4: 1; OpenMidnight@blog ran 0 with offset 0.1)")
     g.add_argument("--interpolate-offset", type=float, default=0.0)
-    g.add_argument("--n-prototypes", type=int, default=131072, help="K of the DINO and iBOT heads")
+    g.add_argument("--n-prototypes", type=int, default=131072,
+                   help="K of the DINO and iBOT heads (DINOv2 65536, OpenMidnight 131072; teacher_entropy near "
+                   "log K with a flat loss means the targets carry no signal)")
     g.add_argument("--head-hidden", type=int, default=2048)
     g.add_argument("--head-bottleneck", type=int, default=384)
     g.add_argument("--grad-checkpointing", action="store_true", help="per-block activation checkpointing")
@@ -89,10 +93,12 @@ def get_args_parser():
     g.add_argument("--warmup-teacher-temp", type=float, default=0.04)
     g.add_argument("--teacher-temp-warmup-steps", type=int, default=37_500)
     g.add_argument("--ibot-weight", type=float, default=1.0)
-    g.add_argument("--mask-ratio", type=float, nargs=2, default=(0.1, 0.45))
+    g.add_argument("--mask-ratio", type=float, nargs=2, default=(0.1, 0.45),
+                   help="iBOT masked fraction range of a masked crop (DINOv2 0.1-0.5)")
     g.add_argument("--mask-prob", type=float, default=0.5, help="fraction of global crops that get iBOT masks")
     g.add_argument("--kde-weight", type=float, default=0.05, help="per global crop; 0 = off")
-    g.add_argument("--kde-kappa", type=float, default=5.0)
+    g.add_argument("--kde-kappa", type=float, default=5.0,
+                   help="vMF kernel concentration (OpenMidnight's constant; not stated in the Midnight paper)")
     g.add_argument("--kde-variant", default="spread", choices=["spread", "openmidnight"],
                    help="'openmidnight' reproduces the released run's sign, which pulls CLS tokens together")
     g.add_argument("--koleo-weight", type=float, default=0.0, help="DINOv2's KoLeo; 0.1 in stock DINOv2")
@@ -100,25 +106,31 @@ def get_args_parser():
     g.add_argument("--steps", type=int, default=250_000, help="length of this run (its early-stop step)")
     g.add_argument("--schedule-steps", type=int, default=None,
                    help="length of the cosine schedules (default --steps; OpenMidnight@blog stretched them to 10M)")
-    g.add_argument("--batch-size", type=int, default=48, help="per process")
+    g.add_argument("--batch-size", type=int, default=48,
+                   help="per process; ViT-g at 48 fits 80 GB (use --grad-checkpointing if not)")
     g.add_argument("--base-lr", type=float, default=2e-4,
                    help="scaled by sqrt(global batch / 1024); 3.5e-4 collapsed ViT-g for OpenMidnight")
     g.add_argument("--min-lr", type=float, default=1e-6)
-    g.add_argument("--warmup-steps", type=int, default=12_500)
-    g.add_argument("--weight-decay", type=float, default=0.04)
+    g.add_argument("--warmup-steps", type=int, default=12_500,
+                   help="linear lr warmup; much shorter than ~5%% of the run risks early collapse")
+    g.add_argument("--weight-decay", type=float, default=0.04, help="start of the cosine to --weight-decay-end")
     g.add_argument("--weight-decay-end", type=float, default=0.2)
-    g.add_argument("--momentum-teacher", type=float, default=0.994, help="EMA start; cosine to 1")
-    g.add_argument("--layerwise-decay", type=float, default=1.0)
-    g.add_argument("--patch-embed-lr-mult", type=float, default=0.2)
+    g.add_argument("--momentum-teacher", type=float, default=0.994,
+                   help="teacher EMA start, cosine to 1; 0.99-0.999 (lower for small batches, per DINO)")
+    g.add_argument("--layerwise-decay", type=float, default=1.0, help="lr x decay^(depth - block); 1 = off (recipe), "
+                   "0.9 = DINOv2's default")
+    g.add_argument("--patch-embed-lr-mult", type=float, default=0.2, help="the patch embedding learns 5x slower")
     g.add_argument("--freeze-last-layer-steps", type=int, default=1250, help="prototype layers' lr held at 0")
-    g.add_argument("--clip-grad", type=float, default=3.0, help="per part (backbone, each head)")
+    g.add_argument("--clip-grad", type=float, default=3.0,
+                   help="gradient-norm clip per part (backbone, each head); grad_norm_* often above it = lr too high")
     g.add_argument("--max-bad-steps", type=int, default=10, help="abort after this many non-finite steps in a row")
     g = p.add_argument_group("augmentation (recipe.md §6)")
     g.add_argument("--global-size", type=int, default=224)
     g.add_argument("--local-size", type=int, default=98)
     g.add_argument("--n-local-crops", type=int, default=8)
     g.add_argument("--hed-prob", type=float, default=0.5)
-    g.add_argument("--hed-range", type=float, default=0.05)
+    g.add_argument("--hed-range", type=float, default=0.05,
+                   help="HED offset range per stain; 0.05 is already strong (~0.7 optical density)")
     g.add_argument("--gpu-augment", type=int, default=None, choices=[0, 1],
                    help="colour ops batched on the device (default: on for cuda)")
     g = p.add_argument_group("system")
@@ -126,7 +138,8 @@ def get_args_parser():
     g.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="autocast (default bf16 on cuda)")
     g.add_argument("--compile", type=int, default=None, choices=[0, 1], help="torch.compile blocks (default: cuda)")
     g.add_argument("--fused-adamw", type=int, default=1, choices=[0, 1], help="fused AdamW kernel (0: for-each)")
-    g.add_argument("--workers", type=int, default=8, help="loader workers per process")
+    g.add_argument("--workers", type=int, default=8,
+                   help="loader workers per process; raise it if data_time_frac in the log stays above ~0.05")
     g.add_argument("--seed", type=int, default=0)
     return p
 
@@ -219,21 +232,20 @@ def build_models(args):
                    drop_path_rate=drop_path, interpolate_antialias=bool(args.interpolate_antialias),
                    interpolate_offset=args.interpolate_offset, grad_checkpointing=args.grad_checkpointing)
 
-    student = MetaArch(backbone(args.drop_path), *[DINOHead(ARCH_DIM[args.arch], args.n_prototypes,
-                                                            args.head_hidden, args.head_bottleneck) for _ in "di"])
+    def heads():  # DINO and iBOT heads, separate as in OpenMidnight
+        D = ARCHS[args.arch]["embed_dim"]
+        return [DINOHead(D, args.n_prototypes, args.head_hidden, args.head_bottleneck) for _ in ("dino", "ibot")]
+
+    student = MetaArch(backbone(args.drop_path), *heads())
     if args.init:  # pretrained backbone; heads start fresh (Meta released backbones only)
         sd = backbone_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
         if args.random_pos_embed:
             sd["pos_embed"] = student.backbone.pos_embed.detach().clone()
         load_into(student.backbone, sd)  # resizes 37x37 -> 16x16 once; clear error on a wrong arch
-    teacher = MetaArch(backbone(0.0), *[DINOHead(ARCH_DIM[args.arch], args.n_prototypes, args.head_hidden,
-                                                 args.head_bottleneck) for _ in "di"])
+    teacher = MetaArch(backbone(0.0), *heads())
     teacher.load_state_dict(student.state_dict())  # the teacher starts equal to the student
     teacher.requires_grad_(False)
     return student, teacher
-
-
-ARCH_DIM = {"vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_giant2": 1536}
 
 
 def param_groups(student, args):

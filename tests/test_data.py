@@ -139,7 +139,7 @@ def test_bad_inputs_are_skipped_and_reported(tmp_path):
     # mpp mode: the slide without mpp is skipped and says why; nothing at all -> non-zero exit
     run_prepare(d, "--out", tmp_path / "mpp", "--patches-per-level", 2, "--mpp", 0.5)
     rep = {os.path.basename(r["slide"]): r for r in json.load(open(tmp_path / "mpp" / "report.json"))}
-    assert rep["nompp.tiff"]["status"] == "skipped" and "mpp" in " ".join(rep["nompp.tiff"]["problems"])
+    assert rep["nompp.tiff"]["status"] == "skipped" and "no mpp metadata" in rep["nompp.tiff"]["reason"]
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
     shutil.copy(d / "notaslide.svs", only_bad)

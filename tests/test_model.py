@@ -272,3 +272,12 @@ def test_wrong_arch_checkpoint_fails_with_a_clear_message(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "junk.pth")
     with pytest.raises(ValueError, match="no ViT backbone"):
         M.load_backbone(str(tmp_path / "junk.pth"))
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_a_block_traces_without_graph_breaks(train_mode):
+    # torch.compile sees one graph per block, batch-subset drop path (randperm, index_add) included
+    blk = M.Block(64, 4, "swiglu", 4.0, 1e-5, drop_path_rate=0.4).train(train_mode)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(blk)(torch.randn(6, 10, 64))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
