@@ -91,22 +91,36 @@ def slide_key(path):
 def tissue_fraction_map(rgb, hsv_min):
     """Per-pixel tissue test with OpenCV's uint8 HSV conventions (H = hue in degrees / 2, rounded, 0-180; S and V
     0-255), as OpenMidnight (Virchow's rule): H >= 90 (cyan through magenta, where H&E stains lie), S >= 8,
-    V >= 103. Written as integer inequalities (no division, ~5x faster than computing H and S):
-    S = round(255 d / V) >= s  <=>  510 d >= (2 s - 1) V, with d = max - min;
-    H = round(30 * sextant hue) >= h  <=>  60 * sextant hue >= 2 h - 1, where the sextant hue is (g - b) / d when
-    R is the max (+6 if negative), 2 + (b - r) / d when G is, 4 + (r - g) / d when B is, and 0 for greys."""
-    rgb = rgb.astype(np.int32)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    V >= 103. Written as exact integer inequalities on small integer types (no division; ~3x faster than
+    computing H and S), since this test runs on every candidate patch:
+      S = round(255 d / V) >= s  <=>  d >= ceil((2 s - 1) V / 510), with d = max - min (a 256-entry table);
+      H = round(30 h) >= h_min   <=>  60 h >= 2 h_min - 1, h the hue in sextants: (g - b) / d when R is the max
+      (+6 if negative), 2 + (b - r) / d when G is, 4 + (r - g) / d when B is; per branch this is
+      60 num >= k d with num in [-d, d], which is always true for k <= -60 and never for k > 60."""
+    h_min, s_min, v_min = hsv_min
+    rgb = np.asarray(rgb, dtype=np.uint8)
+    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
     v = np.maximum(np.maximum(r, g), b)
     d = v - np.minimum(np.minimum(r, g), b)
-    h_min, s_min, v_min = hsv_min
-    lhs = 2 * h_min - 1  # compare 60 * hue_sextant * d against lhs * d
+    s_table = np.ceil((2 * s_min - 1) * np.arange(256) / 510).astype(np.int16)
+    ok = (v >= v_min) & (d >= s_table[v])
+    if h_min <= 0:
+        return ok
+    lhs = 2 * h_min - 1
+
+    def sextant_ok(num, k):
+        if k <= -60:
+            return np.ones(num.shape, dtype=bool)
+        if k > 60:
+            return np.zeros(num.shape, dtype=bool)
+        return 60 * num >= k * d
+
     is_r = v == r
     is_g = (v == g) & ~is_r
-    hue60 = np.where(is_r, np.where(g < b, 360 * d + 60 * (g - b), 60 * (g - b)),
-                     np.where(is_g, 120 * d + 60 * (b - r), 240 * d + 60 * (r - g)))
-    hue_ok = (hue60 >= lhs * d) & (d > 0) if h_min > 0 else np.ones_like(is_r)
-    return hue_ok & (510 * d >= (2 * s_min - 1) * v) & (v >= v_min)
+    is_b = ~(is_r | is_g)
+    hue_r = np.where(g < b, sextant_ok(g - b, lhs - 360), sextant_ok(g - b, lhs))
+    hue = (is_r & hue_r) | (is_g & sextant_ok(b - r, lhs - 120)) | (is_b & sextant_ok(r - g, lhs - 240))
+    return ok & hue & (d > 0)  # greys have H = 0
 
 
 def tissue_fraction(rgb, hsv_min):

@@ -41,16 +41,18 @@ def run_prepare(*argv):
 
 # -- the tissue test ----------------------------------------------------------------------------------------------
 
-def test_tissue_test_matches_opencv_hsv_conventions():
+@pytest.mark.parametrize("hsv_min", [(90, 8, 103), (0, 0, 0), (30, 20, 50), (170, 0, 0), (120, 255, 255)])
+def test_tissue_test_matches_opencv_hsv_conventions(hsv_min):
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (60, 60, 3)).astype(np.uint8)
-    got = P.tissue_fraction_map(x, (90, 8, 103))
-    for i in range(60):
-        for j in range(60):
+    x = rng.integers(0, 256, (40, 40, 3)).astype(np.uint8)
+    x[0, :3] = [[128, 128, 128], [200, 100, 100], [0, 0, 0]]  # grey, a pure red hue, black
+    got = P.tissue_fraction_map(x, hsv_min)
+    for i in range(40):
+        for j in range(40):
             h, s, v = colorsys.rgb_to_hsv(*(x[i, j] / 255.0))
             H = np.floor(h * 180 + 0.5) if s > 0 else 0  # OpenCV: degrees / 2, rounded
             S, V = np.floor(s * 255 + 0.5), int(x[i, j].max())
-            assert got[i, j] == (H >= 90 and S >= 8 and V >= 103), (x[i, j], H, S, V)
+            assert got[i, j] == (H >= hsv_min[0] and S >= hsv_min[1] and V >= hsv_min[2]), (x[i, j], H, S, V)
     assert P.tissue_fraction(np.full((4, 4, 3), 240, np.uint8), (90, 8, 103)) == 0.0  # white background
     assert P.tissue_fraction(np.tile(np.uint8(TISSUE), (4, 4, 1)), (90, 8, 103)) == 1.0
 
