@@ -369,11 +369,11 @@ def _pca(x, k):
 def quick_knn(backbone, folder, size=224, device="cpu", seed=0):
     """kNN balanced accuracy of a backbone on a small labelled image folder (train.py's in-training probe)."""
     splits, classes = load_imagefolder(folder, seed)
+    was_training = backbone.training
     train_x, train_y, _ = extract_features(backbone, splits["train"] + splits["val"], size, device=device)
     test_x, test_y, _ = extract_features(backbone, splits.get("test") or splits["val"], size, device=device)
-    was_training = backbone.training
-    pred = knn_predict(train_x, train_y, test_x, len(classes))
     backbone.train(was_training)
+    pred = knn_predict(train_x, train_y, test_x, len(classes))
     return {**metrics(pred.numpy(), test_y.numpy(), len(classes)), "n_test": len(test_y)}
 
 

@@ -244,7 +244,7 @@ def build_models(args):
         load_into(student.backbone, sd)  # resizes 37x37 -> 16x16 once; clear error on a wrong arch
     teacher = MetaArch(backbone(0.0), *heads())
     teacher.load_state_dict(student.state_dict())  # the teacher starts equal to the student
-    teacher.requires_grad_(False)
+    teacher.requires_grad_(False).eval()
     return student, teacher
 
 
