@@ -6,8 +6,8 @@ Benchmarks, nanoGPT-style: each prints what it measured; nothing here is a test.
     python bench.py data  [--patches-per-level 1000]      # prepare_patches rate, decoded samples/s per worker
     python bench.py forward [--arch vit_small]            # 2 global + 8 local crops: one list call vs two calls
 
-On an H100/H200: python bench.py step --preset openmidnight --init dinov2_vitg14_reg4_pretrain.pth (or without
---init: random weights time the same) --batch-size 48.
+On an H100/H200: python bench.py step --preset openmidnight --batch-size 48 (random weights time the same as
+--init's; add --grad-checkpointing if it does not fit).
 """
 import argparse
 import json
@@ -92,9 +92,7 @@ def bench_step(argv):
     own, rest = p.parse_known_args(argv)
     if own.threads:
         torch.set_num_threads(own.threads)
-    args = train.parse_args(["--data", "-", "--preset", "vits", *rest] if "--preset" not in rest else
-                            ["--data", "-", *rest])
-    args.init = None if args.init == "-" else args.init
+    args = train.parse_args(rest if "--preset" in rest else ["--preset", "vits", *rest], need_paths=False)
     device = torch.device(args.device)
     state = train.build_state(args, device)
     B, cfg = args.batch_size, augment.AugmentConfig()

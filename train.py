@@ -144,7 +144,9 @@ def get_args_parser():
     return p
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, need_paths=True):
+    """Presets, then flags, then the derived defaults; bad paths and contradictory flags fail here, at start-up.
+    need_paths=False (bench.py) allows running without --data and --init (random weights)."""
     parser = get_args_parser()
     pre, _ = parser.parse_known_args(argv)
     parser.set_defaults(**PRESETS[pre.preset])
@@ -156,10 +158,10 @@ def parse_args(argv=None):
     args.compile = args.device == "cuda" if args.compile is None else bool(args.compile)
     args.gpu_augment = args.device == "cuda" if args.gpu_augment is None else bool(args.gpu_augment)
     if args.data is None:
-        if args.preset != "demo":
+        if args.preset != "demo" and need_paths:
             parser.error("--data STORE is required (make one with prepare_patches.py)")
         args.data = os.path.join(HERE, "data", "sample_store")
-    if args.preset.startswith("openmidnight") and not args.init:
+    if args.preset.startswith("openmidnight") and not args.init and need_paths:
         parser.error("the openmidnight presets start from DINOv2 weights: give --init dinov2_vitg14_reg4_pretrain.pth")
     if args.init and not os.path.exists(args.init):
         parser.error(f"--init {args.init!r} does not exist (weights are never downloaded: give a local path)")

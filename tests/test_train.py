@@ -156,3 +156,21 @@ def test_bad_paths_and_flags_fail_at_start_up(tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="prepare_patches.py"):
         train.main(["--preset", "vits", "--data", str(tmp_path / "nostore"), "--device", "cpu"])
+
+
+def test_device_colour_path_and_bf16_autocast_run_on_cpu(small_store, tmp_path):
+    # path (b) (uint8 crops, colour ops in the step) and bf16 autocast: the GPU defaults, exercised on CPU
+    train.main(tiny_train_args(small_store, tmp_path, "--steps", 2, "--gpu-augment", 1, "--dtype", "bfloat16"))
+    rows = read_metrics(tmp_path)
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_analytic_flop_count():
+    import bench
+    # one block, 10 tokens, D 8, MLP hidden 32: 10 (8 * 64 + 4 * 8 * 32) + 4 * 100 * 8; patch embed 2 * 9 * 588 * 8
+    assert bench.vit_forward_flops(10, 8, 1, 32, "mlp", 9) == 10 * (512 + 1024) + 3200 + 2 * 9 * 588 * 8
+    args = train.parse_args(["--preset", "openmidnight"], need_paths=False)
+    per_image = bench.train_flops_per_image(args)
+    assert 5.0e12 < per_image < 5.3e12  # ~5.1 TFLOP per image with batch-subset drop path (issue #7)
+    args.drop_path = 0.0
+    assert bench.train_flops_per_image(args) > 1.4 * per_image  # drop path 0.4 saves ~40% of the student's blocks
