@@ -514,7 +514,8 @@ def main(argv=None):
             state["skipped"] += 1
             bad_in_a_row += 1
             bad = [k for k, v in out.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
-            tqdm.write(f"step {step}: non-finite {bad}; step skipped ({bad_in_a_row} in a row)")
+            tqdm.write(f"step {step}: non-finite {bad} on patches {batch['index'][:8].tolist()} (store indices); "
+                       f"step skipped ({bad_in_a_row} in a row)")
             if bad_in_a_row >= args.max_bad_steps:
                 raise SystemExit(f"{bad_in_a_row} non-finite steps in a row ({bad}): lower --base-lr, check "
                                  "--teacher-temp (<= 0.07) and the data (blank or constant patches), or resume "
