@@ -539,10 +539,12 @@ def main(argv=None):
             t_last, data_time = time.time(), 0.0
         bar.update()
         want_stop = stop["signal"] is not None
-        if world > 1:  # any rank's signal stops all ranks at the same step
-            flag = torch.tensor(float(want_stop), device=device)
-            dist.all_reduce(flag)
-            want_stop = flag.item() > 0
+        if world > 1:  # any rank's signal stops all ranks at the same step; checked at log steps (a device sync)
+            want_stop = False
+            if step % args.log_every == 0:
+                flag = torch.tensor(float(stop["signal"] is not None), device=device)
+                dist.all_reduce(flag)
+                want_stop = flag.item() > 0
         if master and (step % args.checkpoint_every == 0 or step == args.steps or want_stop):
             save_checkpoint(state, step, args)
         if master and (step % args.export_every == 0 or step == args.steps):
