@@ -324,6 +324,15 @@ def mask_upperbound(n_crops, grid=16, ratio_min_max=(0.1, 0.45), sample_prob=0.5
     return sum(int(grid * grid * bins[i + 1]) for i in range(n_masked))
 
 
+def mask_targets(masks):
+    """What the iBOT loss needs from (n_crops, N) bool masks: the masks, flat indices of masked tokens, each masked
+    token's weight 1 / (masked count of its crop), and the masked count."""
+    counts = masks.sum(dim=1)
+    return {"masks": masks, "mask_indices": masks.flatten().nonzero().flatten(),
+            "masks_weight": (1.0 / counts.clamp(min=1)).unsqueeze(1).expand_as(masks)[masks],
+            "n_masked": int(counts.sum())}
+
+
 def collate(samples, ratio_min_max=(0.1, 0.45), sample_prob=0.5, grid=16, generator=None, masks=None):
     """Stack a list of multicrop outputs (path a or b) into a batch with iBOT masks (drawn here unless given):
     global_crops (2B, 3, S, S) ordered [g1 of all samples; g2 of all], local_crops (nB, 3, s, s) by crop index,
@@ -346,11 +355,7 @@ def collate(samples, ratio_min_max=(0.1, 0.45), sample_prob=0.5, grid=16, genera
     drawn = masks is None
     if drawn:
         masks = sample_masks(n_crops, grid, ratio_min_max, sample_prob, generator)
-    counts = masks.sum(dim=1)
-    batch["masks"] = masks
-    batch["mask_indices"] = masks.flatten().nonzero().flatten()
-    batch["masks_weight"] = (1.0 / counts.clamp(min=1)).unsqueeze(1).expand_as(masks)[masks]
-    batch["n_masked"] = int(counts.sum())
+    batch.update(mask_targets(masks))
     # DINOv2's static buffer bound; for given masks (sliced from a larger batch) only their own count is known
     batch["upperbound"] = mask_upperbound(n_crops, grid, ratio_min_max, sample_prob) if drawn else batch["n_masked"]
     return batch

@@ -98,12 +98,9 @@ def bench_step(argv):
     B, cfg = args.batch_size, augment.AugmentConfig()
     g = torch.Generator().manual_seed(0)
     masks = augment.sample_masks(2 * B, args.global_size // 14, tuple(args.mask_ratio), args.mask_prob, g)
-    counts = masks.sum(1)
     batch = {"global_crops": torch.randn(2 * B, 3, args.global_size, args.global_size, generator=g),
              "local_crops": torch.randn(args.n_local_crops * B, 3, args.local_size, args.local_size, generator=g),
-             "masks": masks, "mask_indices": masks.flatten().nonzero().flatten(),
-             "masks_weight": (1.0 / counts.clamp(min=1)).unsqueeze(1).expand_as(masks)[masks],
-             "n_masked": int(counts.sum())}
+             **augment.mask_targets(masks)}
     if args.gpu_augment:  # time the device colour path too: uint8 crops plus per-crop parameters
         batch["global_crops"] = torch.randint(0, 256, batch["global_crops"].shape, dtype=torch.uint8, generator=g)
         batch["local_crops"] = torch.randint(0, 256, batch["local_crops"].shape, dtype=torch.uint8, generator=g)

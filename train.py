@@ -276,7 +276,7 @@ def param_groups(student, args):
 
 @torch.no_grad()
 def ema_update(teacher, student, m):
-    t = [p for p in teacher.parameters()]
+    t = list(teacher.parameters())
     s = [p.detach() for p in student.parameters()]
     torch._foreach_mul_(t, m)
     torch._foreach_add_(t, s, alpha=1 - m)
