@@ -5,6 +5,7 @@ Benchmarks, nanoGPT-style: each prints what it measured; nothing here is a test.
     python bench.py aug   [--patches 40]                  # CPU cost per sample of path (a) and of path (b)'s CPU part
     python bench.py data  [--patches-per-level 1000]      # prepare_patches rate, decoded samples/s per worker
     python bench.py forward [--arch vit_small]            # 2 global + 8 local crops: one list call vs two calls
+    python bench.py memory [--preset openmidnight]        # a step's device memory, predicted on a CPU
 
 On an H100/H200: python bench.py step --preset openmidnight --batch-size 48 (random weights time the same as
 --init's; add --grad-checkpointing if it does not fit).
@@ -81,6 +82,23 @@ def train_flops_per_image(args):
 # benchmarks
 
 
+def synthetic_batch(args, B, cfg):
+    """A batch as the loader gives it (random pixels, real iBOT masks); uint8 crops plus colour parameters when
+    the colour ops run on the device."""
+    import augment
+    g = torch.Generator().manual_seed(0)
+    masks = augment.sample_masks(2 * B, args.global_size // 14, tuple(args.mask_ratio), args.mask_prob, g)
+    batch = {"global_crops": torch.randn(2 * B, 3, args.global_size, args.global_size, generator=g),
+             "local_crops": torch.randn(args.n_local_crops * B, 3, args.local_size, args.local_size, generator=g),
+             **augment.mask_targets(masks)}
+    if args.gpu_augment:
+        batch["global_crops"] = torch.randint(0, 256, batch["global_crops"].shape, dtype=torch.uint8, generator=g)
+        batch["local_crops"] = torch.randint(0, 256, batch["local_crops"].shape, dtype=torch.uint8, generator=g)
+        batch["global_params"] = augment.draw_color_params(2 * B, 0.45, cfg, g)
+        batch["local_params"] = augment.draw_color_params(args.n_local_crops * B, 0.5, cfg, g)
+    return batch
+
+
 def bench_step(argv):
     import augment
     import train
@@ -96,16 +114,7 @@ def bench_step(argv):
     device = torch.device(args.device)
     state = train.build_state(args, device)
     B, cfg = args.batch_size, augment.AugmentConfig()
-    g = torch.Generator().manual_seed(0)
-    masks = augment.sample_masks(2 * B, args.global_size // 14, tuple(args.mask_ratio), args.mask_prob, g)
-    batch = {"global_crops": torch.randn(2 * B, 3, args.global_size, args.global_size, generator=g),
-             "local_crops": torch.randn(args.n_local_crops * B, 3, args.local_size, args.local_size, generator=g),
-             **augment.mask_targets(masks)}
-    if args.gpu_augment:  # time the device colour path too: uint8 crops plus per-crop parameters
-        batch["global_crops"] = torch.randint(0, 256, batch["global_crops"].shape, dtype=torch.uint8, generator=g)
-        batch["local_crops"] = torch.randint(0, 256, batch["local_crops"].shape, dtype=torch.uint8, generator=g)
-        batch["global_params"] = augment.draw_color_params(2 * B, 0.45, cfg, g)
-        batch["local_params"] = augment.draw_color_params(args.n_local_crops * B, 0.5, cfg, g)
+    batch = synthetic_batch(args, B, cfg)
     times = {}
     last = [0.0]
 
@@ -141,6 +150,53 @@ def bench_step(argv):
               "peak_rss_mib": round(peak_rss_mib())}
     print(json.dumps(result))
     return result
+
+
+def bench_memory(argv):
+    """Device memory of a training step at the preset's batch, predicted on a CPU. The fixed part is counted:
+    fp32 student weights, gradients (DDP's buckets) and AdamW's two moments, and the fp32 teacher. The activations
+    that autograd holds once the forward pass is done (the step's peak, before the backward pass frees them) are
+    measured at two small batches under bf16 autocast, with the selective recompute the GPU default uses, and
+    extrapolated linearly. The CUDA context, NCCL buffers and allocator fragmentation come on top."""
+    import augment
+    import train
+    from torch.profiler import ProfilerActivity, profile
+    p = argparse.ArgumentParser()
+    p.add_argument("--measure-batches", type=int, nargs=2, default=(5, 10),
+                   help="multiples of 5 keep drop path 0.4's kept fraction (0.6) exact")
+    p.add_argument("--threads", type=int, default=None)
+    own, rest = p.parse_known_args(argv)
+    if own.threads:
+        torch.set_num_threads(own.threads)
+    rest = rest if "--preset" in rest else ["--preset", "openmidnight", *rest]
+    rest = rest if "--recompute" in rest else ["--recompute", "selective", *rest]
+    args = train.parse_args(rest + ["--device", "cpu", "--dtype", "bfloat16", "--compile", "0"], need_paths=False)
+    student, teacher = train.build_models(args)
+    student.train()
+    n_student = sum(p.numel() for p in student.parameters())
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    del teacher  # the student stands in for it below (same outputs' sizes), which halves the host memory needed
+    fixed = 4 * (4 * n_student + n_teacher)  # bytes: weights, grads, exp_avg, exp_avg_sq; teacher
+    held, sched = {}, train.schedules(1000, args, 1)
+    for B in own.measure_batches:
+        batch = synthetic_batch(args, B, augment.AugmentConfig())
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                terms, _ = train.compute_losses(student, student, batch, sched, args, None)
+            loss = sum(terms.values())
+        held[B] = sum(e.self_cpu_memory_usage for e in prof.events())  # net bytes still allocated
+        del loss, terms
+    (b1, h1), (b2, h2) = held.items()
+    per_image = (h2 - h1) / (b2 - b1)
+    B = args.batch_size
+    gib = 2 ** 30
+    out = {"arch": args.arch, "ffn": args.ffn, "prototypes": args.n_prototypes, "recompute": args.recompute,
+           "batch_per_device": B, "fixed_gib": round(fixed / gib, 2),
+           "activations_gib_per_image": round(per_image / gib, 3),
+           "activations_gib_constant": round((h1 - b1 * per_image) / gib, 2),
+           "predicted_gib": round((fixed + h1 + (B - b1) * per_image) / gib, 1)}
+    print(json.dumps(out))
+    return out
 
 
 def sample_patches(n, seed=0):
@@ -251,7 +307,8 @@ def bench_forward(argv):
 
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "step"
-    benches = {"step": bench_step, "aug": bench_aug, "data": bench_data, "forward": bench_forward}
+    benches = {"step": bench_step, "aug": bench_aug, "data": bench_data, "forward": bench_forward,
+               "memory": bench_memory}
     if which not in benches:
         sys.exit(f"usage: python bench.py {{{','.join(benches)}}} [flags]")
     benches[which](sys.argv[2:])

@@ -13,7 +13,7 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 # DINOv2's sizes; head_dim is 64 in all of them
 ARCHS = {
@@ -98,6 +98,24 @@ def add_residual_on_subset(x, branch, p):
     return out.view_as(x)
 
 
+# Selective recompute: keep the outputs of the matmuls, of attention and of randperm (the drop-path subset) for
+# the backward pass, and recompute everything between them (layer norms, bf16 casts of inputs and weights,
+# SwiGLU's gate, LayerScale). Measured on ViT-g under torch.compile: 40 instead of 54 KB kept per token and
+# block, and no bf16 weight copies (2.3 GB) kept, for elementwise work only.
+_KEEP = {getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "randperm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_efficient_attention_forward", "_flash_attention_forward") if hasattr(torch.ops.aten, name)}
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _KEEP else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_keep_matmuls)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(ffn(norm2(x)))."""
 
@@ -110,6 +128,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio)) if ffn == "swiglu" else Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layerscale_init)
         self.drop_path_rate = drop_path_rate
+        self.selective_recompute = False
 
     def attn_branch(self, x):
         return self.ls1(self.attn(self.norm1(x)))
@@ -118,6 +137,13 @@ class Block(nn.Module):
         return self.ls2(self.mlp(self.norm2(x)))
 
     def forward(self, x):
+        if isinstance(x, (list, tuple)):  # crops of several sizes in one call: a compiled block then casts its
+            return [self.forward(t) for t in x]  # weights to bf16 once, not once per size (-2.3 GB on ViT-g)
+        if self.selective_recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(self.forward_tokens, x, use_reentrant=False, context_fn=_selective_contexts)
+        return self.forward_tokens(x)
+
+    def forward_tokens(self, x):
         p = self.drop_path_rate if self.training else 0.0
         if p > 0.1:  # DINOv2 switches to the batch-subset version above 0.1 (the recipe's student uses 0.4)
             x = add_residual_on_subset(x, self.attn_branch, p)
@@ -148,7 +174,7 @@ def resize_pos_embed(pos_embed, grid_hw, antialias=True, offset=0.0):
 class ViT(nn.Module):
     def __init__(self, arch="vit_small", img_size=224, patch_size=14, num_register_tokens=4, ffn="mlp",
                  mlp_ratio=4.0, layerscale_init=1e-5, drop_path_rate=0.0, drop_path_uniform=True,
-                 interpolate_antialias=True, interpolate_offset=0.0, grad_checkpointing=False):
+                 interpolate_antialias=True, interpolate_offset=0.0, recompute="none"):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
@@ -158,7 +184,8 @@ class ViT(nn.Module):
         self.arch, self.embed_dim, self.patch_size, self.ffn = arch, D, patch_size, ffn
         self.num_register_tokens = num_register_tokens
         self.interpolate_antialias, self.interpolate_offset = interpolate_antialias, interpolate_offset
-        self.grad_checkpointing = grad_checkpointing
+        if recompute not in ("none", "selective", "full"):
+            raise ValueError(f"recompute must be 'none', 'selective' or 'full', got {recompute!r}")
         grid = img_size // patch_size  # the stored pos-embed grid: 518 -> 37 (hub files), 224 -> 16 (training)
 
         self.patch_embed = nn.Module()
@@ -171,6 +198,19 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(D, heads, ffn, mlp_ratio, layerscale_init, r) for r in rates)
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.init_weights()
+        self.recompute = recompute
+
+    @property
+    def recompute(self):
+        """Activation memory for compute: 'none' keeps everything, 'selective' recomputes the cheap elementwise
+        ops in each block, 'full' keeps only each block's input and reruns the block in the backward pass."""
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, mode):
+        self._recompute = mode
+        for blk in self.blocks:
+            blk.selective_recompute = mode == "selective"
 
     def init_weights(self):
         # DINOv2's init; all of it is overwritten when pretrained weights are loaded
@@ -209,7 +249,7 @@ class ViT(nn.Module):
             # each size runs through the blocks as its own batch: one call, same maths as separate calls
             tokens = [self.prepare_tokens(xi, mi) for xi, mi in zip(x, masks)]
             for blk in self.blocks:
-                tokens = [self.run_block(blk, t) for t in tokens]
+                tokens = self.run_block(blk, tokens)
             return [self.output_dict(t, m) for t, m in zip(tokens, masks)]
         t = self.prepare_tokens(x, masks)
         for blk in self.blocks:
@@ -217,7 +257,7 @@ class ViT(nn.Module):
         return self.output_dict(t, masks)
 
     def run_block(self, blk, x):
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+        if self.recompute == "full" and self.training and torch.is_grad_enabled():
             return checkpoint(blk, x, use_reentrant=False)  # RNG state is replayed, so drop-path subsets match
         return blk(x)
 

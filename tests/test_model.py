@@ -201,18 +201,43 @@ def test_drop_path_modes_follow_dinov2():
     assert torch.allclose(blk(x), x + blk.attn_branch(x) + blk.ffn_branch(x + blk.attn_branch(x)), atol=1e-6)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_recompute_modes_give_the_same_gradients():
+    # 'selective' reruns the elementwise ops of each block and 'full' the whole block in the backward pass; with
+    # the batch-subset drop path the recomputation must reuse the same random subsets
     torch.manual_seed(1)
     m = small(drop_path_rate=0.4).train()
-    x = torch.randn(4, 3, 56, 56)
-    grads = []
-    for ckpt in (False, True):
-        m.grad_checkpointing = ckpt
+    x = [torch.randn(4, 3, 56, 56), torch.randn(8, 3, 28, 28)]
+    grads = {}
+    for mode in ("none", "selective", "full"):
+        m.recompute = mode
         m.zero_grad()
         torch.manual_seed(3)
-        m.forward_features(x)["x_norm_clstoken"].square().sum().backward()
-        grads.append(m.blocks[5].attn.qkv.weight.grad.clone())
-    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+        out = m.forward_features(x)
+        (out[0]["x_norm_clstoken"].square().sum() + out[1]["x_norm_patchtokens"].sum()).backward()
+        grads[mode] = [p.grad.clone() for p in m.parameters() if p.grad is not None]  # mask_token: unused
+    for mode in ("selective", "full"):
+        for a, b in zip(grads["none"], grads[mode]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="recompute"):
+        small(recompute="some")
+
+
+def test_recompute_modes_hold_less_memory_after_the_forward_pass():
+    # net bytes the CPU allocator holds once the forward pass is done: what autograd keeps for backward
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    m = small().train()
+    x = torch.randn(4, 3, 56, 56)
+    held = {}
+    for mode in ("none", "selective", "full"):
+        m.recompute = mode
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = m.forward_features(x)["x_norm_clstoken"].sum()
+        held[mode] = sum(e.self_cpu_memory_usage for e in prof.events())
+        del out
+    block_inputs = 12 * 4 * (16 + 5) * 384 * 4  # 'full': each block's fp32 input, (B, 1 + 4 + 4 * 4, D)
+    assert block_inputs <= held["full"] < 1.2 * block_inputs
+    assert held["full"] < held["selective"] < 0.7 * held["none"]
 
 
 def test_bf16_autocast_forward_is_finite():
@@ -274,10 +299,12 @@ def test_wrong_arch_checkpoint_fails_with_a_clear_message(tmp_path):
         M.load_backbone(str(tmp_path / "junk.pth"))
 
 
-@pytest.mark.parametrize("train_mode", [True, False])
-def test_a_block_traces_without_graph_breaks(train_mode):
-    # torch.compile sees one graph per block, batch-subset drop path (randperm, index_add) included
+@pytest.mark.parametrize("train_mode,selective", [(True, False), (True, True), (False, False)])
+def test_a_block_traces_without_graph_breaks(train_mode, selective):
+    # torch.compile sees one graph per block for both crop sizes, batch-subset drop path (randperm, index_add)
+    # and the selective-recompute checkpoint included
     blk = M.Block(64, 4, "swiglu", 4.0, 1e-5, drop_path_rate=0.4).train(train_mode)
+    blk.selective_recompute = selective
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(blk)(torch.randn(6, 10, 64))
+    explanation = torch._dynamo.explain(blk)([torch.randn(6, 10, 64), torch.randn(12, 5, 64)])
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
