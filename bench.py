@@ -8,7 +8,7 @@ Benchmarks, nanoGPT-style: each prints what it measured; nothing here is a test.
     python bench.py memory [--preset openmidnight]        # a step's device memory, predicted on a CPU
 
 On an H100/H200: python bench.py step --preset openmidnight --batch-size 48 (random weights time the same as
---init's; add --grad-checkpointing if it does not fit).
+--init's; `python bench.py memory` predicts its memory on any machine; add --recompute full if it does not fit).
 """
 import argparse
 import json
@@ -54,9 +54,9 @@ def head_flops(dim, hidden, bottleneck, n_prototypes):
 
 
 def train_flops_per_image(args):
-    """Student forward + backward (3x forward) on 2 global + n local crops with drop path, the teacher forward on
-    the 2 global crops, and the DINO/iBOT heads (10 CLS tokens, the masked patch tokens: expected
-    2 crops x mask_prob x mean ratio x grid^2 per image)."""
+    """Student forward + backward (3x forward, 4x with --recompute full) on 2 global + n local crops with drop path,
+    the teacher forward on the 2 global crops, and the DINO/iBOT heads (10 CLS tokens, the masked patch tokens:
+    expected 2 crops x mask_prob x mean ratio x grid^2 per image)."""
     from model import ARCHS, swiglu_hidden
     a = ARCHS[args.arch]
     D, depth = a["embed_dim"], a["depth"]
@@ -69,9 +69,10 @@ def train_flops_per_image(args):
         return max(int(b * (1 - args.drop_path)), 1) / b if args.drop_path > 0.1 else 1.0
 
     g_fwd = vit_forward_flops(ng + extra, D, depth, h, args.ffn, ng)
-    student = 3 * (2 * vit_forward_flops(ng + extra, D, depth, h, args.ffn, ng, keep=keep(2 * B)) +
-                   args.n_local_crops * vit_forward_flops(nl + extra, D, depth, h, args.ffn, nl,
-                                                          keep=keep(args.n_local_crops * B)))
+    passes = 4 if args.recompute == "full" else 3  # backward = 2 forwards; full recompute reruns the forward
+    student = passes * (2 * vit_forward_flops(ng + extra, D, depth, h, args.ffn, ng, keep=keep(2 * B)) +
+                        args.n_local_crops * vit_forward_flops(nl + extra, D, depth, h, args.ffn, nl,
+                                                               keep=keep(args.n_local_crops * B)))
     hf = head_flops(D, args.head_hidden, args.head_bottleneck, args.n_prototypes)
     masked = 2 * args.mask_prob * sum(args.mask_ratio) / 2 * ng
     heads = 3 * hf * (2 + args.n_local_crops + masked) + hf * (2 + masked)
@@ -141,7 +142,8 @@ def bench_step(argv):
     peak = own.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     achieved = flops * B / step / 1e12
     result = {"device": name, "arch": args.arch, "ffn": args.ffn, "batch_per_device": B, "prototypes":
-              args.n_prototypes, "compile": args.compile, "dtype": args.dtype, "s_per_step": round(step, 4),
+              args.n_prototypes, "compile": args.compile, "recompute": args.recompute, "dtype": args.dtype,
+              "s_per_step": round(step, 4),
               "images_per_s": round(B / step, 2), "phases_s": {k: round(float(np.median(v)), 4) for k, v in
                                                                 times.items() if k != "step"},
               "tflop_per_image": round(flops / 1e12, 4), "achieved_tflops": round(achieved, 2),

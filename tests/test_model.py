@@ -201,9 +201,11 @@ def test_drop_path_modes_follow_dinov2():
     assert torch.allclose(blk(x), x + blk.attn_branch(x) + blk.ffn_branch(x + blk.attn_branch(x)), atol=1e-6)
 
 
-def test_recompute_modes_give_the_same_gradients():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_recompute_modes_give_the_same_gradients(bf16):
     # 'selective' reruns the elementwise ops of each block and 'full' the whole block in the backward pass; with
-    # the batch-subset drop path the recomputation must reuse the same random subsets
+    # the batch-subset drop path the recomputation must reuse the same random subsets, and under autocast the
+    # same weight casts (autocast caches them across the crop sizes)
     torch.manual_seed(1)
     m = small(drop_path_rate=0.4).train()
     x = [torch.randn(4, 3, 56, 56), torch.randn(8, 3, 28, 28)]
@@ -212,7 +214,8 @@ def test_recompute_modes_give_the_same_gradients():
         m.recompute = mode
         m.zero_grad()
         torch.manual_seed(3)
-        out = m.forward_features(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = m.forward_features(x)
         (out[0]["x_norm_clstoken"].square().sum() + out[1]["x_norm_patchtokens"].sum()).backward()
         grads[mode] = [p.grad.clone() for p in m.parameters() if p.grad is not None]  # mask_token: unused
     for mode in ("selective", "full"):

@@ -159,8 +159,9 @@ def test_bad_paths_and_flags_fail_at_start_up(tmp_path, capsys):
 
 
 def test_device_colour_path_and_bf16_autocast_run_on_cpu(small_store, tmp_path):
-    # path (b) (uint8 crops, colour ops in the step) and bf16 autocast: the GPU defaults, exercised on CPU
-    train.main(tiny_train_args(small_store, tmp_path, "--steps", 2, "--gpu-augment", 1, "--dtype", "bfloat16"))
+    # path (b) (uint8 crops, colour ops in the step), bf16 autocast, selective recompute: GPU defaults, on CPU
+    train.main(tiny_train_args(small_store, tmp_path, "--steps", 2, "--gpu-augment", 1, "--dtype", "bfloat16",
+                               "--recompute", "selective"))
     rows = read_metrics(tmp_path)
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
 
@@ -172,5 +173,7 @@ def test_analytic_flop_count():
     args = train.parse_args(["--preset", "openmidnight"], need_paths=False)
     per_image = bench.train_flops_per_image(args)
     assert 5.0e12 < per_image < 5.3e12  # ~5.1 TFLOP per image with batch-subset drop path (issue #7)
-    args.drop_path = 0.0
+    args.recompute = "full"  # one more student forward: +1/3 of the student's share (~85% of the total)
+    assert 1.25 < bench.train_flops_per_image(args) / per_image < 1.3
+    args.recompute, args.drop_path = "selective", 0.0
     assert bench.train_flops_per_image(args) > 1.4 * per_image  # drop path 0.4 saves ~40% of the student's blocks
