@@ -177,3 +177,23 @@ def test_analytic_flop_count():
     assert 1.25 < bench.train_flops_per_image(args) / per_image < 1.3
     args.recompute, args.drop_path = "selective", 0.0
     assert bench.train_flops_per_image(args) > 1.4 * per_image  # drop path 0.4 saves ~40% of the student's blocks
+
+
+def test_bench_memory_prediction_counts_the_fixed_part_and_measures_activations():
+    import bench
+    tiny = ["--preset", "vits", "--global-size", "56", "--local-size", "28", "--n-local-crops", "2",
+            "--n-prototypes", "256", "--head-hidden", "64", "--head-bottleneck", "32", "--batch-size", "40"]
+    out = {mode: bench.bench_memory(tiny + ["--recompute", mode, "--drop-path", "0.4"])
+           for mode in ("none", "selective", "full")}
+    student, teacher = train.build_models(train.parse_args(tiny, need_paths=False))
+    n = sum(p.numel() for p in student.parameters())
+    assert out["full"]["fixed_gib"] * 2 ** 30 == 4 * (4 * n + n)  # fp32 weights, grads, 2 AdamW moments; teacher
+    per_image = {mode: o["activations_gib_per_image"] * 2 ** 30 for mode, o in out.items()}
+    # 'full' keeps each block's input only: 2 x 21 + 2 x 9 tokens per image, 12 blocks, D 384, and bf16 because
+    # the batch-subset drop path adds in the residual stream's dtype (as DINOv2), which the bf16 patch embedding sets
+    block_inputs = (2 * 21 + 2 * 9) * 12 * 384 * 2
+    assert block_inputs <= per_image["full"] < 1.5 * block_inputs
+    assert per_image["full"] < per_image["selective"] < 0.7 * per_image["none"]
+    o = out["selective"]
+    assert o["predicted_gib"] == pytest.approx(o["fixed_gib"] + o["activations_gib_constant"] +
+                                               40 * o["activations_gib_per_image"])
