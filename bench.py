@@ -156,10 +156,12 @@ def bench_step(argv):
 
 def bench_memory(argv):
     """Device memory of a training step at the preset's batch, predicted on a CPU. The fixed part is counted:
-    fp32 student weights, gradients (DDP's buckets) and AdamW's two moments, and the fp32 teacher. The activations
-    that autograd holds once the forward pass is done (the step's peak, before the backward pass frees them) are
-    measured at two small batches under bf16 autocast, with the selective recompute the GPU default uses, and
-    extrapolated linearly. The CUDA context, NCCL buffers and allocator fragmentation come on top."""
+    fp32 student weights, gradients (DDP's buckets) and AdamW's two moments (a 1/world share with --zero 1),
+    and the fp32 teacher. The activations that autograd holds once the forward pass is done (the step's peak,
+    before the backward pass frees them) are measured at two small batches under bf16 autocast, with the
+    selective recompute the GPU default uses, and extrapolated linearly. The CUDA context, NCCL buffers,
+    allocator fragmentation and the backward pass's first gradient buffers (~2 x masked tokens x K x 4 bytes,
+    ~3.5 GB in the recipe) come on top."""
     import augment
     import train
     from torch.profiler import ProfilerActivity, profile
@@ -167,6 +169,7 @@ def bench_memory(argv):
     p.add_argument("--measure-batches", type=int, nargs=2, default=(5, 10),
                    help="multiples of 5 keep drop path 0.4's kept fraction (0.6) exact")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--world-size", type=int, default=8, help="GPUs that share AdamW's moments with --zero 1")
     own, rest = p.parse_known_args(argv)
     if own.threads:
         torch.set_num_threads(own.threads)
@@ -178,7 +181,8 @@ def bench_memory(argv):
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = sum(p.numel() for p in teacher.parameters())
     del teacher  # the student stands in for it below (same outputs' sizes), which halves the host memory needed
-    fixed = 4 * (4 * n_student + n_teacher)  # bytes: weights, grads, exp_avg, exp_avg_sq; teacher
+    shards = own.world_size if args.zero else 1  # ZeRO-1 keeps 1/world of AdamW's moments on each rank
+    fixed = 4 * (2 * n_student + 2 * n_student / shards + n_teacher)  # bytes: weights, grads, 2 moments; teacher
     held, sched = {}, train.schedules(1000, args, 1)
     for B in own.measure_batches:
         batch = synthetic_batch(args, B, augment.AugmentConfig())
@@ -193,7 +197,7 @@ def bench_memory(argv):
     B = args.batch_size
     gib = 2 ** 30
     out = {"arch": args.arch, "ffn": args.ffn, "prototypes": args.n_prototypes, "recompute": args.recompute,
-           "batch_per_device": B, "fixed_gib": fixed / gib, "activations_gib_per_image": per_image / gib,
+           "zero_world_size": shards, "batch_per_device": B, "fixed_gib": fixed / gib, "activations_gib_per_image": per_image / gib,
            "activations_gib_constant": (h1 - b1 * per_image) / gib,
            "predicted_gib": (fixed + h1 + (B - b1) * per_image) / gib}
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))

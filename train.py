@@ -30,6 +30,9 @@ import loss as L
 from model import ARCHS, DINOHead, ViT, backbone_state_dict, load_into
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+if not {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(os.environ):  # read at the first CUDA allocation
+    # the masked-token count changes every step, so tensor sizes do: growable segments fragment less
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 # Presets only change defaults; flags given on the command line always win.
 PRESETS = {
@@ -140,6 +143,9 @@ def get_args_parser():
     g.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="autocast (default bf16 on cuda)")
     g.add_argument("--compile", type=int, default=None, choices=[0, 1], help="torch.compile blocks (default: cuda)")
     g.add_argument("--fused-adamw", type=int, default=1, choices=[0, 1], help="fused AdamW kernel (0: for-each)")
+    g.add_argument("--zero", type=int, default=0, choices=[0, 1],
+                   help="ZeRO-1 under torchrun: each rank keeps the AdamW moments of 1/world of the parameters "
+                   "(ViT-g on 8 GPUs: 8.2 GiB less per GPU, one parameter broadcast more per step)")
     g.add_argument("--workers", type=int, default=8,
                    help="loader workers per process; raise it if data_time_frac in the log stays above ~0.05")
     g.add_argument("--seed", type=int, default=0)
@@ -436,9 +442,13 @@ def build_state(args, device, rank=0, world=1, local=0):
     torch.manual_seed(args.seed + rank)  # drop-path subsets differ per rank; data and masks are seeded per sample
     student.to(device)
     teacher.to(device)
-    groups = param_groups(student, args)
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=0.0,
-                            betas=(0.9, 0.999), fused=bool(args.fused_adamw))
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(student, args)]
+    adamw = dict(lr=0.0, betas=(0.9, 0.999), fused=bool(args.fused_adamw))
+    if args.zero and world > 1:  # its consolidated state dict loads into a plain AdamW too (tested)
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # ~1 s of import: only when asked for
+        opt = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **adamw)
+    else:
+        opt = torch.optim.AdamW(groups, **adamw)
     if args.compile:
         for m in (student, teacher):
             for blk in m.backbone.blocks:
@@ -549,8 +559,11 @@ def main(argv=None):
                 flag = torch.tensor(float(stop["signal"] is not None), device=device)
                 dist.all_reduce(flag)
                 want_stop = flag.item() > 0
-        if master and (step % args.checkpoint_every == 0 or step == args.steps or want_stop):
-            save_checkpoint(state, step, args)
+        if step % args.checkpoint_every == 0 or step == args.steps or want_stop:
+            if hasattr(state["opt"], "consolidate_state_dict"):  # ZeRO-1
+                state["opt"].consolidate_state_dict(to=0)  # every rank sends its AdamW shard to rank 0
+            if master:
+                save_checkpoint(state, step, args)
         if master and (step % args.export_every == 0 or step == args.steps):
             export_teacher(state, step, args)
         if master and args.probe_every and step % args.probe_every == 0:

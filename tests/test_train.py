@@ -104,16 +104,19 @@ def test_stop_at_step_k_and_resume_reproduces_the_uninterrupted_run(small_store,
 
 
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(small_store, tmp_path):
-    common = ["--steps", 3, "--drop-path", 0, "--kde-weight", 0, "--koleo-weight", 0]
-    one = tiny_train_args(small_store, tmp_path / "one", *common)
-    train.main(one)
-    two = tiny_train_args(small_store, tmp_path / "two", *common)
+    # 3 steps on 2 processes with ZeRO-1 (AdamW moments sharded), then their consolidated checkpoint resumes in
+    # one process with a plain AdamW: 5 steps equal to 5 steps of one process
+    common = ["--drop-path", 0, "--kde-weight", 0, "--koleo-weight", 0, "--schedule-steps", 5]
+    train.main(tiny_train_args(small_store, tmp_path / "one", "--steps", 5, *common))
+    two = tiny_train_args(small_store, tmp_path / "two", "--steps", 3, "--zero", 1, *common)
     two[two.index("--batch-size") + 1] = "2"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     os.path.join(ROOT, "train.py"), *two], check=True, cwd=ROOT, env=env, capture_output=True)
+    assert torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["step"] == 3
+    train.main(tiny_train_args(small_store, tmp_path / "two", "--steps", 5, *common))
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert len(a) == len(b) == 3
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5]
     for ra, rb in zip(a, b):
         for key in ("loss", "dino_local", "dino_global", "ibot"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4), (ra["step"], key)
@@ -188,6 +191,8 @@ def test_bench_memory_prediction_counts_the_fixed_part_and_measures_activations(
     student, teacher = train.build_models(train.parse_args(tiny, need_paths=False))
     n = sum(p.numel() for p in student.parameters())
     assert out["full"]["fixed_gib"] * 2 ** 30 == 4 * (4 * n + n)  # fp32 weights, grads, 2 AdamW moments; teacher
+    zero = bench.bench_memory(tiny + ["--recompute", "full", "--zero", "1", "--world-size", "4"])
+    assert zero["fixed_gib"] * 2 ** 30 == 4 * (2 * n + 2 * n / 4 + n)  # each of 4 ranks keeps 1/4 of the moments
     per_image = {mode: o["activations_gib_per_image"] * 2 ** 30 for mode, o in out.items()}
     # 'full' keeps each block's input only: 2 x 21 + 2 x 9 tokens per image, 12 blocks, D 384, and bf16 because
     # the batch-subset drop path adds in the residual stream's dtype (as DINOv2), which the bf16 patch embedding sets
