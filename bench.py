@@ -197,7 +197,8 @@ def bench_memory(argv):
     B = args.batch_size
     gib = 2 ** 30
     out = {"arch": args.arch, "ffn": args.ffn, "prototypes": args.n_prototypes, "recompute": args.recompute,
-           "zero_world_size": shards, "batch_per_device": B, "fixed_gib": fixed / gib, "activations_gib_per_image": per_image / gib,
+           "zero_world_size": shards, "batch_per_device": B, "fixed_gib": fixed / gib,
+           "activations_gib_per_image": per_image / gib,
            "activations_gib_constant": (h1 - b1 * per_image) / gib,
            "predicted_gib": (fixed + h1 + (B - b1) * per_image) / gib}
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))

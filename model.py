@@ -128,7 +128,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio)) if ffn == "swiglu" else Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layerscale_init)
         self.drop_path_rate = drop_path_rate
-        self.selective_recompute = False
+        self.recompute = "none"  # set through ViT.recompute
 
     def attn_branch(self, x):
         return self.ls1(self.attn(self.norm1(x)))
@@ -139,9 +139,11 @@ class Block(nn.Module):
     def forward(self, x):
         """x: tokens (B, N, D), or a list of them for crops of several sizes. One call for all sizes, so that a
         compiled block casts its weights to bf16 once (not once per size: 2.3 GB on ViT-g) and one recompute
-        region sees autocast's weight cache the same way in the forward and the backward pass."""
-        if self.selective_recompute and self.training and torch.is_grad_enabled():
-            return checkpoint(self.forward_tokens, x, use_reentrant=False, context_fn=_selective_contexts)
+        region sees autocast's weight cache the same way in the forward and the backward pass. The RNG state is
+        replayed in a recompute, so drop-path subsets match."""
+        if self.recompute != "none" and self.training and torch.is_grad_enabled():
+            policy = {"context_fn": _selective_contexts} if self.recompute == "selective" else {}  # full: none
+            return checkpoint(self.forward_tokens, x, use_reentrant=False, **policy)
         return self.forward_tokens(x)
 
     def forward_tokens(self, x):
@@ -187,8 +189,6 @@ class ViT(nn.Module):
         self.arch, self.embed_dim, self.patch_size, self.ffn = arch, D, patch_size, ffn
         self.num_register_tokens = num_register_tokens
         self.interpolate_antialias, self.interpolate_offset = interpolate_antialias, interpolate_offset
-        if recompute not in ("none", "selective", "full"):
-            raise ValueError(f"recompute must be 'none', 'selective' or 'full', got {recompute!r}")
         grid = img_size // patch_size  # the stored pos-embed grid: 518 -> 37 (hub files), 224 -> 16 (training)
 
         self.patch_embed = nn.Module()
@@ -207,13 +207,14 @@ class ViT(nn.Module):
     def recompute(self):
         """Activation memory for compute: 'none' keeps everything, 'selective' recomputes the cheap elementwise
         ops in each block, 'full' keeps only each block's input and reruns the block in the backward pass."""
-        return self._recompute
+        return self.blocks[0].recompute
 
     @recompute.setter
     def recompute(self, mode):
-        self._recompute = mode
+        if mode not in ("none", "selective", "full"):
+            raise ValueError(f"recompute must be 'none', 'selective' or 'full', got {mode!r}")
         for blk in self.blocks:
-            blk.selective_recompute = mode == "selective"
+            blk.recompute = mode
 
     def init_weights(self):
         # DINOv2's init; all of it is overwritten when pretrained weights are loaded
@@ -252,17 +253,12 @@ class ViT(nn.Module):
             # each size runs through the blocks as its own batch: one call, same maths as separate calls
             tokens = [self.prepare_tokens(xi, mi) for xi, mi in zip(x, masks)]
             for blk in self.blocks:
-                tokens = self.run_block(blk, tokens)
+                tokens = blk(tokens)
             return [self.output_dict(t, m) for t, m in zip(tokens, masks)]
         t = self.prepare_tokens(x, masks)
         for blk in self.blocks:
-            t = self.run_block(blk, t)
+            t = blk(t)
         return self.output_dict(t, masks)
-
-    def run_block(self, blk, x):
-        if self.recompute == "full" and self.training and torch.is_grad_enabled():
-            return checkpoint(blk, x, use_reentrant=False)  # RNG state is replayed, so drop-path subsets match
-        return blk(x)
 
     def output_dict(self, x, masks):
         x_norm = self.norm(x)

@@ -309,20 +309,21 @@ def test_a_block_traces_without_graph_breaks(train_mode, selective):
     # torch.compile sees one graph per block for both crop sizes, batch-subset drop path (randperm, index_add)
     # and the selective-recompute checkpoint included
     blk = M.Block(64, 4, "swiglu", 4.0, 1e-5, drop_path_rate=0.4).train(train_mode)
-    blk.selective_recompute = selective
+    blk.recompute = "selective" if selective else "none"
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(blk)([torch.randn(6, 10, 64), torch.randn(12, 5, 64)])
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
-def test_compiled_block_with_selective_recompute_matches_eager():
-    # the GPU default (torch.compile + selective recompute) compiled by inductor for the CPU: the same forward and
-    # gradients as the eager block, with the same drop-path subsets
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_compiled_block_with_recompute_matches_eager(mode):
+    # the GPU default (torch.compile + selective recompute) and the full fallback, compiled by inductor for the
+    # CPU: the same forward and gradients as the eager block, with the same drop-path subsets
     torch.manual_seed(0)
     eager = M.Block(64, 4, "swiglu", 4.0, 0.5, drop_path_rate=0.4).train()
     compiled = M.Block(64, 4, "swiglu", 4.0, 0.5, drop_path_rate=0.4).train()
     compiled.load_state_dict(eager.state_dict())
-    compiled.selective_recompute = True
+    compiled.recompute = mode
     compiled.compile()
     torch._dynamo.reset()
     x = [torch.randn(10, 9, 64), torch.randn(20, 5, 64)]
