@@ -195,9 +195,10 @@ def color_augment(x, params, cfg):
     return _apply_on(x, params["blur_apply"], lambda t, s: gaussian_blur(t, s, cfg.blur_kernel), params["blur_sigma"])
 
 
-def normalize(x, cfg):
-    mean = torch.tensor(cfg.mean, device=x.device, dtype=x.dtype)[:, None, None]
-    std = torch.tensor(cfg.std, device=x.device, dtype=x.dtype)[:, None, None]
+def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """(x - mean) / std per channel of (..., 3, H, W) images in [0, 1]; ImageNet's statistics unless given."""
+    mean = torch.tensor(mean, device=x.device, dtype=x.dtype)[:, None, None]
+    std = torch.tensor(std, device=x.device, dtype=x.dtype)[:, None, None]
     return (x - mean) / std
 
 
@@ -265,7 +266,7 @@ def multicrop(img, generator=None, cfg=None):
     out = {}
     for kind, key in (("global", "global_crops"), ("local", "local_crops")):
         x = color_augment(to_float(torch.stack(raw[key])), raw[f"{kind}_params"], cfg)
-        out[key] = list(normalize(x, cfg).unbind(0))
+        out[key] = list(normalize(x, cfg.mean, cfg.std).unbind(0))
     return out
 
 

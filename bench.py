@@ -66,7 +66,7 @@ def train_flops_per_image(args):
     B = args.batch_size
 
     def keep(b):  # fraction of samples whose residual branches run, DINOv2's int(b (1 - p)) rule
-        return max(int(b * (1 - args.drop_path)), 1) / b if args.drop_path > 0.1 else 1.0
+        return max(int(b * (1 - args.drop_path)), 1) / b if args.drop_path > 0 else 1.0
 
     g_fwd = vit_forward_flops(ng + extra, D, depth, h, args.ffn, ng)
     passes = 4 if args.recompute == "full" else 3  # backward = 2 forwards; full recompute reruns the forward

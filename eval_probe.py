@@ -25,8 +25,13 @@ from PIL import Image
 from tqdm import tqdm
 
 import augment
-from model import load_backbone
+from model import autocast, load_backbone
+from prepare_patches import atomic_write
 
+# the frozen feature of an image: CLS (DINOv2, OpenMidnight, eva), CLS + mean patch token (Midnight, Virchow2), or
+# the mean patch token; and the input normalisations (ImageNet's; Midnight's 0.5 / 0.5)
+FEATURES = ("cls", "cls+mean", "mean")
+NORMS = {"imagenet": (augment.IMAGENET_MEAN, augment.IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
 # per-dataset early-stopping patience in validation checks (eva's configs, recipe.md §10.1)
 PATIENCE = {"bach": 1250, "bracs": 167, "breakhis": 500, "crc": 7, "gleason": 42, "mhist": 278, "pcam": 3}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -165,8 +170,7 @@ class ImageDataset(torch.utils.data.Dataset):
     back as None and is counted and skipped by the collate."""
 
     def __init__(self, items, size=224, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD):
-        self.items, self.size = items, size
-        self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+        self.items, self.size, self.mean, self.std = items, size, mean, std
         self._h5 = {}
 
     def load(self, item):
@@ -192,7 +196,7 @@ class ImageDataset(torch.utils.data.Dataset):
         left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
         img = img.crop((left, top, left + self.size, top + self.size))
         x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
-        return (x - self.mean) / self.std, self.items[i][1], i
+        return augment.normalize(x, self.mean, self.std), self.items[i][1], i
 
 
 def _collate(batch):
@@ -203,31 +207,48 @@ def _collate(batch):
     return torch.stack([b[0] for b in ok]), torch.tensor([b[1] for b in ok]), torch.tensor([b[2] for b in ok]), bad
 
 
+def pool_features(out, features="cls"):
+    """An image's frozen feature from forward_features' dict (see FEATURES)."""
+    cls, mean = out["x_norm_clstoken"], out["x_norm_patchtokens"].mean(1)
+    return {"cls": cls, "mean": mean, "cls+mean": torch.cat([cls, mean], dim=-1)}[features]
+
+
 @torch.no_grad()
+def embed(backbone, x, features="cls"):
+    """Features (B, D) float32 on the CPU of a normalised batch x (B, 3, H, W), on the backbone's device, in bf16
+    autocast on a GPU. The one feature extractor of every probe (patches, slides, HEST)."""
+    device = next(backbone.parameters()).device
+    with autocast(device, "bfloat16" if device.type == "cuda" else "float32"):
+        out = backbone.forward_features(x.to(device, non_blocking=True))
+    return pool_features(out, features).float().cpu()
+
+
+def feature_dim(backbone, features="cls"):
+    return backbone.embed_dim * (2 if features == "cls+mean" else 1)
+
+
 def extract_features(backbone, items, size=224, features="cls", device="cpu", batch_size=64, workers=0,
-                     norm=(augment.IMAGENET_MEAN, augment.IMAGENET_STD), progress=False):
-    """Features of every readable item: the CLS token, or CLS concatenated with the mean patch token (Midnight).
-    Returns (features (n, D), labels (n,), indices of unreadable items)."""
+                     norm=NORMS["imagenet"], progress=False):
+    """Features of every readable item (see FEATURES). Returns (features (n, D), labels (n,), indices of
+    unreadable items)."""
     backbone.eval().to(device)
     loader = torch.utils.data.DataLoader(ImageDataset(items, size, *norm), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate)
     feats, labels, bad = [], [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else \
-        torch.autocast("cpu", enabled=False)
     for x, y, _, b in tqdm(loader, disable=not progress, desc="features", leave=False):
         bad += b
-        if x is None:
-            continue
-        with autocast:
-            out = backbone.forward_features(x.to(device))
-        f = out["x_norm_clstoken"]
-        if features == "cls+mean":
-            f = torch.cat([f, out["x_norm_patchtokens"].mean(1)], dim=-1)
-        feats.append(f.float().cpu())
-        labels.append(y)
-    dim = backbone.embed_dim * (2 if features == "cls+mean" else 1)
-    return (torch.cat(feats) if feats else torch.zeros(0, dim), torch.cat(labels) if labels else torch.zeros(0).long(),
-            bad)
+        if x is not None:
+            feats.append(embed(backbone, x, features))
+            labels.append(y)
+    return (torch.cat(feats) if feats else torch.zeros(0, feature_dim(backbone, features)),
+            torch.cat(labels) if labels else torch.zeros(0).long(), bad)
+
+
+def save_results(path, results):
+    """Every evaluation's JSON: {"settings": {...}, <method>: {<metric>: mean, <metric>_std, "runs": [...]}, ...,
+    "headline": {"metric", "value", "std", "method"}}, written atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(results, indent=1).encode()))
 
 
 # -----------------------------------------------------------------------------
@@ -407,8 +428,8 @@ def get_args(argv=None):
     p.add_argument("--data", required=True, help="dataset root (or CSV file for --dataset csv)")
     p.add_argument("--dataset", default="imagefolder", choices=sorted(LOADERS))
     p.add_argument("--arch", default=None, help="override the arch inferred from the weights")
-    p.add_argument("--features", default="cls", choices=["cls", "cls+mean"], help="cls+mean: Midnight's 2D-dim")
-    p.add_argument("--norm", default="imagenet", choices=["imagenet", "half"], help="half: Midnight's 0.5/0.5")
+    p.add_argument("--features", default="cls", choices=FEATURES, help="cls+mean: Midnight's and Virchow2's 2D-dim")
+    p.add_argument("--norm", default="imagenet", choices=sorted(NORMS), help="half: Midnight's 0.5/0.5")
     p.add_argument("--size", type=int, default=224, help="resize shorter side, centre crop")
     p.add_argument("--knn", action="store_true", help="also DINO's weighted kNN (k=20, T=0.07)")
     p.add_argument("--k", type=int, default=20)
@@ -442,7 +463,7 @@ def cached_features(args, backbone, splits):
     if os.path.exists(path):
         print(f"features from cache {path}")
         return torch.load(path, weights_only=True), path
-    norm = (augment.IMAGENET_MEAN, augment.IMAGENET_STD) if args.norm == "imagenet" else ((0.5,) * 3, (0.5,) * 3)
+    norm = NORMS[args.norm]
     feats = {}
     for split, items in splits.items():
         x, y, bad = extract_features(backbone, items, args.size, args.features, args.device, args.batch_size,
@@ -451,8 +472,7 @@ def cached_features(args, backbone, splits):
         if bad:
             print(f"{split}: skipped {len(bad)} unreadable images, e.g. {items[bad[0]][0]}")
     os.makedirs(args.cache_dir, exist_ok=True)
-    torch.save(feats, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: torch.save(feats, f))
     return feats, path
 
 
@@ -510,8 +530,7 @@ def main(argv=None):
         items = splits[report_split][:args.pca_images]
         results["pca"] = {"path": args.pca, "size": pca_figure(backbone, items, args.pca, device=args.device)}
     out = args.out or f"results_{args.dataset}.json"
-    with open(out, "w") as f:
-        json.dump(results, f, indent=1)
+    save_results(out, results)
     line = " | ".join(f"{m} balanced acc {results[m]['balanced_accuracy']:.4f}" for m in results
                       if isinstance(results[m], dict) and "balanced_accuracy" in results[m])
     print(f"{args.dataset} ({report_split}, n={len(test['y'])}): {line} [{time.time() - t0:.0f}s, {out}]")

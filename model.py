@@ -9,6 +9,7 @@ References: DINOv2 (Oquab et al. 2023, facebookresearch/dinov2), registers (Darc
 """
 import math
 import re
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,16 @@ ARCHS = {
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
     "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24),
 }
+
+
+
+def autocast(device, dtype="bfloat16"):
+    """Mixed precision for a forward pass: bf16 autocast, or nothing for float32. Training defaults to bf16 on a
+    GPU and float32 on a CPU (train.py --dtype); feature extraction uses bf16 on a GPU only."""
+    if str(dtype) in ("bfloat16", "torch.bfloat16"):
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
 
 # -----------------------------------------------------------------------------
 # leaf modules
@@ -77,14 +88,6 @@ class LayerScale(nn.Module):
 
     def forward(self, x):
         return x * self.gamma
-
-
-def drop_path(x, p, training):
-    """Ordinary per-sample stochastic depth (Huang et al. 2016): zero a sample's branch, rescale the rest."""
-    if p == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
-    return x * keep / (1 - p)
 
 
 def add_residual_on_subset(x, branch, p):
@@ -149,12 +152,11 @@ class Block(nn.Module):
     def forward_tokens(self, x):
         if isinstance(x, (list, tuple)):
             return [self.forward_tokens(t) for t in x]
-        p = self.drop_path_rate if self.training else 0.0
-        if p > 0.1:  # DINOv2 switches to the batch-subset version above 0.1 (the recipe's student uses 0.4)
-            x = add_residual_on_subset(x, self.attn_branch, p)
-            return add_residual_on_subset(x, self.ffn_branch, p)
-        x = x + drop_path(self.attn_branch(x), p, self.training)
-        return x + drop_path(self.ffn_branch(x), p, self.training)
+        if self.training and self.drop_path_rate > 0:  # as DINOv2's training (list) forward: subsets at any p > 0
+            x = add_residual_on_subset(x, self.attn_branch, self.drop_path_rate)
+            return add_residual_on_subset(x, self.ffn_branch, self.drop_path_rate)
+        x = x + self.attn_branch(x)
+        return x + self.ffn_branch(x)
 
 
 def resize_pos_embed(pos_embed, grid_hw, antialias=True, offset=0.0):
@@ -178,7 +180,7 @@ def resize_pos_embed(pos_embed, grid_hw, antialias=True, offset=0.0):
 
 class ViT(nn.Module):
     def __init__(self, arch="vit_small", img_size=224, patch_size=14, num_register_tokens=4, ffn="mlp",
-                 mlp_ratio=4.0, layerscale_init=1e-5, drop_path_rate=0.0, drop_path_uniform=True,
+                 mlp_ratio=4.0, layerscale_init=1e-5, drop_path_rate=0.0,
                  interpolate_antialias=True, interpolate_offset=0.0, recompute="none"):
         super().__init__()
         if arch not in ARCHS:
@@ -197,8 +199,9 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, D))  # cls + patches; registers get none
         self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, D)) if num_register_tokens else None
         self.mask_token = nn.Parameter(torch.zeros(1, D))
-        rates = [drop_path_rate] * depth if drop_path_uniform else torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(Block(D, heads, ffn, mlp_ratio, layerscale_init, r) for r in rates)
+        # uniform rate over blocks (the recipe's drop_path_uniform), not DINOv2's default linear ramp
+        self.blocks = nn.ModuleList(Block(D, heads, ffn, mlp_ratio, layerscale_init, drop_path_rate)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.init_weights()
         self.recompute = recompute

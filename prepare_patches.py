@@ -18,11 +18,13 @@ ends with the same store. STORE/report.json says what happened to every slide; S
 tissue mask and the sampled patches drawn on them.
 """
 import argparse
+import errno
 import glob
 import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 import time
 from multiprocessing import Pool
@@ -242,13 +244,33 @@ def draw_qc(thumb, mask, boxes, sx, sy):
     return img
 
 
-def atomic_write(path, data_fn):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        data_fn(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the whole new one
+def atomic_write(path, write, size_hint=None):
+    """Write a file so that a reader sees either the old file or the whole new one, never a part of it: write(f)
+    fills a temporary file beside `path`, which is fsynced and renamed over it (atomic on POSIX). On any failure
+    (a full disk, an exception, a kill) the old file stays and no temporary file is left to be trusted later; a
+    full disk is reported as such, with the free space and, if given, the bytes the file needs."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            need = f", about {size_hint / 2**30:.2f} GiB needed" if size_hint else ""
+            raise OSError(errno.ENOSPC, f"No space left on device writing {path} "
+                          f"({shutil.disk_usage(folder).free / 2**30:.2f} GiB free{need}); the previous file is "
+                          "kept: free some space and run the same command again") from None
+        raise
+    fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def process_slide(job):

@@ -302,7 +302,7 @@ def prepare_batch(batch, args, device, aug_cfg):
         x = out[f"{kind}_crops"]
         if x.dtype == torch.uint8:
             x = augment.color_augment(augment.to_float(x), out[f"{kind}_params"], aug_cfg)
-            out[f"{kind}_crops"] = augment.normalize(x, aug_cfg)
+            out[f"{kind}_crops"] = augment.normalize(x, aug_cfg.mean, aug_cfg.std)
     return out
 
 

@@ -185,18 +185,22 @@ def test_batch_subset_drop_path_touches_a_subset_and_is_unbiased():
     assert torch.allclose(mean, x + 1, atol=0.05)
 
 
-def test_drop_path_modes_follow_dinov2():
-    blk = M.Block(32, 2, "mlp", 4.0, 1.0, drop_path_rate=0.4).train()
-    calls = []
-    blk.mlp.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
-    blk(torch.randn(20, 5, 32))
-    assert calls == [12]  # rate > 0.1: the FFN branch runs on int(20 * 0.6) samples only
-    blk.drop_path_rate = 0.05
-    calls.clear()
-    blk(torch.randn(20, 5, 32))
-    assert calls == [20]  # ordinary drop path on the whole batch
+@pytest.mark.parametrize("p,batch", [(0.4, 20), (0.1, 20), (0.05, 20), (0.5, 3), (0.9, 4)])
+def test_drop_path_runs_each_branch_on_dinov2s_subset_at_any_rate(p, batch):
+    # DINOv2's training (list) forward: both residual branches of a block see max(int(b (1 - p)), 1) samples for
+    # any p > 0 (ViT-S's 0.1 included); in eval mode, or at p = 0, every sample
+    blk = M.Block(32, 2, "mlp", 4.0, 1.0, drop_path_rate=p).train()
+    seen = []
+    blk.attn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    blk.mlp.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    blk(torch.randn(batch, 5, 32))
+    assert seen == [max(int(batch * (1 - p)), 1)] * 2
+    seen.clear()
+    blk.drop_path_rate = 0.0
+    blk(torch.randn(batch, 5, 32))
+    assert seen == [batch, batch]
     blk.eval()
-    blk.drop_path_rate = 0.4
+    blk.drop_path_rate = p
     x = torch.randn(4, 5, 32)
     assert torch.allclose(blk(x), x + blk.attn_branch(x) + blk.ffn_branch(x + blk.attn_branch(x)), atol=1e-6)
 
