@@ -1,14 +1,20 @@
 """
-The backbone and heads of the recipe: a DINOv2-compatible Vision Transformer (ViT-S/B/L/giant2, optional
-register tokens, MLP or SwiGLU FFN, LayerScale, stochastic depth) on torch's scaled_dot_product_attention,
-the DINO/iBOT projection head, and one loader for every checkpoint layout a user has.
+The backbone and heads of the recipe: a DINOv2-compatible Vision Transformer (DINOv2's ViT-S/B/L/giant2 or any
+width, depth, heads and patch size; optional register tokens, MLP or SwiGLU FFN, LayerScale, stochastic depth) on
+torch's scaled_dot_product_attention, the DINO/iBOT projection head, and one loader for every checkpoint layout a
+user has: DINOv2's hub files, OpenMidnight's and our checkpoints, timm's VisionTransformer (UNI, UNI-2, Virchow2,
+H-optimus-0, Prov-GigaPath) and Hugging Face's Dinov2Model / Dinov2WithRegistersModel (Phikon-v2, Midnight, Hibou).
 
 Parameter names and shapes are exactly those of Meta's DINOv2 hub checkpoints (no block chunking), so
-`dinov2_vitg14_reg4_pretrain.pth` loads with strict=True and our teacher exports load into DINOv2's own code.
+`dinov2_vitg14_reg4_pretrain.pth` loads with strict=True and our teacher exports load into DINOv2's own code;
+other layouts are converted into these names at load time, into the same function.
 References: DINOv2 (Oquab et al. 2023, facebookresearch/dinov2), registers (Darcet et al. 2023).
 """
+import json
 import math
+import os
 import re
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -23,7 +29,15 @@ ARCHS = {
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
     "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24),
 }
+# No tensor holds the number of heads: without a config.json it is width // 64, except for the public widths
+# where it is not (ViT-H/14: Virchow, Virchow2 are 1280 wide with 16 heads of 80)
+HEADS_BY_WIDTH = {1280: 16}
 
+
+def arch_name(embed_dim, depth, num_heads):
+    """DINOv2's name for these sizes, else a descriptive one (vit_1280x32h16: width x depth, heads)."""
+    sizes = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    return next((a for a, c in ARCHS.items() if c == sizes), f"vit_{embed_dim}x{depth}h{num_heads}")
 
 
 def autocast(device, dtype="bfloat16"):
@@ -122,13 +136,15 @@ def _selective_contexts():
 class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(ffn(norm2(x)))."""
 
-    def __init__(self, dim, num_heads, ffn, mlp_ratio, layerscale_init, drop_path_rate):
+    def __init__(self, dim, num_heads, ffn, mlp_ratio, layerscale_init, drop_path_rate, ffn_hidden=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.ls1 = LayerScale(dim, layerscale_init)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio)) if ffn == "swiglu" else Mlp(dim, int(dim * mlp_ratio))
+        # ffn_hidden (a checkpoint's exact width: Virchow2's SwiGLU is 3416 wide) wins over the ratio's width
+        hidden = ffn_hidden or (swiglu_hidden(dim, mlp_ratio) if ffn == "swiglu" else int(dim * mlp_ratio))
+        self.mlp = SwiGLU(dim, hidden) if ffn == "swiglu" else Mlp(dim, hidden)
         self.ls2 = LayerScale(dim, layerscale_init)
         self.drop_path_rate = drop_path_rate
         self.recompute = "none"  # set through ViT.recompute
@@ -179,16 +195,25 @@ def resize_pos_embed(pos_embed, grid_hw, antialias=True, offset=0.0):
 
 
 class ViT(nn.Module):
+    """A preset's sizes (arch), or any: embed_dim, depth and num_heads given explicitly win over the preset's."""
+
     def __init__(self, arch="vit_small", img_size=224, patch_size=14, num_register_tokens=4, ffn="mlp",
                  mlp_ratio=4.0, layerscale_init=1e-5, drop_path_rate=0.0,
-                 interpolate_antialias=True, interpolate_offset=0.0, recompute="none"):
+                 interpolate_antialias=True, interpolate_offset=0.0, recompute="none",
+                 embed_dim=None, depth=None, num_heads=None, ffn_hidden=None):
         super().__init__()
-        if arch not in ARCHS:
-            raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+        given = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+        sizes = {**ARCHS.get(arch, {}), **{k: v for k, v in given.items() if v is not None}}
+        if len(sizes) < 3:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)} or give embed_dim, depth and "
+                             "num_heads")
         if ffn not in ("mlp", "swiglu"):
             raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {ffn!r}")
-        D, depth, heads = ARCHS[arch]["embed_dim"], ARCHS[arch]["depth"], ARCHS[arch]["num_heads"]
-        self.arch, self.embed_dim, self.patch_size, self.ffn = arch, D, patch_size, ffn
+        D, depth, heads = sizes["embed_dim"], sizes["depth"], sizes["num_heads"]
+        if D % heads:
+            raise ValueError(f"embedding width {D} is not a multiple of num_heads={heads}")
+        self.arch, self.embed_dim, self.num_heads = arch_name(D, depth, heads), D, heads
+        self.patch_size, self.ffn = patch_size, ffn
         self.num_register_tokens = num_register_tokens
         self.interpolate_antialias, self.interpolate_offset = interpolate_antialias, interpolate_offset
         grid = img_size // patch_size  # the stored pos-embed grid: 518 -> 37 (hub files), 224 -> 16 (training)
@@ -200,7 +225,7 @@ class ViT(nn.Module):
         self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, D)) if num_register_tokens else None
         self.mask_token = nn.Parameter(torch.zeros(1, D))
         # uniform rate over blocks (the recipe's drop_path_uniform), not DINOv2's default linear ramp
-        self.blocks = nn.ModuleList(Block(D, heads, ffn, mlp_ratio, layerscale_init, drop_path_rate)
+        self.blocks = nn.ModuleList(Block(D, heads, ffn, mlp_ratio, layerscale_init, drop_path_rate, ffn_hidden)
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.init_weights()
@@ -319,65 +344,224 @@ class DINOHead(nn.Module):
 # -----------------------------------------------------------------------------
 # one loader for every checkpoint layout
 
+# Other layouts' names -> DINOv2's, applied in order to every key: timm's VisionTransformer, and Hugging Face's
+# Dinov2(WithRegisters)Model as saved (also the published files) and as named in memory by transformers >= 5
+RENAMES = [
+    (r"^reg_token$", "register_tokens"),
+    (r"^embeddings\.(cls_token|mask_token|register_tokens)$", r"\1"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^encoder\.layer\.(\d+)\.", r"blocks.\1."),
+    (r"^layernorm\.", "norm."),
+    (r"\.layer_scale([12])\.lambda1$", r".ls\1.gamma"),
+    (r"\.attention\.(output\.dense|o_proj)\.", ".attn.proj."),
+    (r"\.attention\.attention\.([qkv])\w*\.", r".attn.\1."),  # query, key, value: fused into qkv below
+    (r"\.attention\.([qkv])_proj\.", r".attn.\1."),
+    (r"\.mlp\.weights_in\.", ".mlp.w12."),  # Hugging Face's SwiGLU packs [gate; value] as DINOv2's w12 does
+    (r"\.mlp\.(weights_out|down_proj)\.", ".mlp.w3."),
+    (r"\.mlp\.(gate_proj|fc1_g)\.", ".mlp.gate."),  # split SwiGLUs (transformers >= 5, timm's SwiGLU): fused below
+    (r"\.mlp\.(up_proj|fc1_x)\.", ".mlp.up."),
+]
+FUSED = {"attn.q": ("attn.qkv", ("attn.q", "attn.k", "attn.v")), "mlp.gate": ("mlp.w12", ("mlp.gate", "mlp.up"))}
+# timm options with no DINOv2 counterpart: a checkpoint with these is another model
+UNSUPPORTED = {"norm_pre": "a norm before the blocks (pre_norm)", "fc_norm": "a norm after pooling (global_pool avg)",
+               "attn_pool": "attention pooling", "q_norm": "qk-norm", "attn.norm": "a normed attention output",
+               "mlp.norm": "a normed MLP"}
+# timm's architecture names in config.json -> heads, where the width is the architecture's own
+TIMM_HEADS = {("vit_small", 384): 6, ("vit_base", 768): 12, ("vit_large", 1024): 16, ("vit_huge", 1280): 16,
+              ("vit_giant", 1536): 24, ("vit_giant", 1408): 16}
+
+
+def _is_square(n):
+    return n > 0 and math.isqrt(n) ** 2 == n
+
+
+def to_hub_layout(sd):
+    """A backbone state dict of timm's or Hugging Face's layout (or already DINOv2's) in DINOv2's names, as the
+    same function: q/k/v fused into qkv; timm's packed SwiGLU fc1 = [gate; value] (SwiGLUPacked gates the first
+    half, as DINOv2's w12) renamed; no LayerScale -> gammas of ones; no qkv bias -> zeros; timm's pos-embed
+    without a CLS row (no_embed_class) -> a zero CLS row (the CLS then gets no position, as in timm); timm's
+    register positions (reg_tokens with no_embed_class=False) folded into the register tokens: a register's
+    position is a constant that is added at any resolution (timm resizes only the patch rows)."""
+    out = {}
+    for k, v in sd.items():
+        for pattern, new in RENAMES:
+            k = re.sub(pattern, new, k)
+        out[k] = v
+    bad = sorted({why for k in out for name, why in UNSUPPORTED.items() if re.search(rf"(^|\.){name}\.", k)})
+    if bad:
+        raise ValueError(f"this ViT has {', '.join(bad)}, which a DINOv2-style backbone has not: it cannot be loaded")
+    for k in list(out):
+        m = re.fullmatch(r"(blocks\.\d+\.)(attn\.q|mlp\.gate)\.(weight|bias)", k)
+        if m:
+            fused, parts = FUSED[m[2]]
+            out[f"{m[1]}{fused}.{m[3]}"] = torch.cat([out.pop(f"{m[1]}{p}.{m[3]}") for p in parts])
+            if m[2] == "mlp.gate" and f"{m[1]}mlp.fc2.{m[3]}" in out:  # timm's SwiGLU keeps fc2 as its output
+                out[f"{m[1]}mlp.w3.{m[3]}"] = out.pop(f"{m[1]}mlp.fc2.{m[3]}")
+        m = re.fullmatch(r"(blocks\.\d+\.mlp\.)fc1\.weight", k)
+        if m and out[k].shape[0] == 2 * out[m[1] + "fc2.weight"].shape[1]:  # timm's SwiGLUPacked
+            for p in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+                if m[1] + p in out:
+                    out[m[1] + p.replace("fc1", "w12").replace("fc2", "w3")] = out.pop(m[1] + p)
+    if "cls_token" not in out or "pos_embed" not in out:
+        return out  # not a ViT: infer_config says what it found
+    cls = out["cls_token"]
+    D = cls.shape[-1]
+    for i in sorted({k.split(".")[1] for k in out if k.startswith("blocks.")}):
+        out.setdefault(f"blocks.{i}.ls1.gamma", torch.ones(D, dtype=cls.dtype))
+        out.setdefault(f"blocks.{i}.ls2.gamma", torch.ones(D, dtype=cls.dtype))
+        out.setdefault(f"blocks.{i}.attn.qkv.bias", torch.zeros(3 * D, dtype=cls.dtype))
+    out["mask_token"] = out.get("mask_token", torch.zeros(1, D, dtype=cls.dtype)).reshape(1, D)
+    pe, R = out["pos_embed"], out["register_tokens"].shape[1] if "register_tokens" in out else 0
+    if _is_square(pe.shape[1]):  # patches only
+        out["pos_embed"] = torch.cat([torch.zeros_like(pe[:, :1]), pe], dim=1)
+    elif R and not _is_square(pe.shape[1] - 1) and _is_square(pe.shape[1] - 1 - R):  # cls, registers, patches
+        out["register_tokens"] = out["register_tokens"] + pe[:, 1:1 + R]
+        out["pos_embed"] = torch.cat([pe[:, :1], pe[:, 1 + R:]], dim=1)
+    return out
+
 
 def backbone_state_dict(obj):
     """Return the backbone state dict in the hub layout from any checkpoint we know:
     - a DINOv2 hub file (plain state dict);
     - OpenMidnight's teacher_checkpoint.pth ({"teacher": {"backbone.blocks.<chunk>.<i>.*", "dino_head.*", ...}});
-    - this project's training checkpoint ({"teacher": {...}, "student": ..., "args": ...}) or teacher export."""
+    - this project's training checkpoint ({"teacher": {...}, "student": ..., "args": ...}) or teacher export;
+    - timm's VisionTransformer and Hugging Face's Dinov2Model / Dinov2WithRegistersModel (see to_hub_layout).
+    A classification head is dropped with a warning."""
     sd = obj
     for key in ("teacher", "model", "state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
             break
-    out = {}
+    out, dropped = {}, []
     for k, v in sd.items():
         if not torch.is_tensor(v):
             continue
-        for prefix in ("module.", "_orig_mod.", "teacher.", "backbone."):
+        for prefix in ("module.", "_orig_mod.", "teacher.", "backbone.", "dinov2."):
             k = k[len(prefix):] if k.startswith(prefix) else k
-        if k.startswith(("dino_head.", "ibot_head.", "head.", "student.")):
+        if k.startswith(("dino_head.", "ibot_head.", "student.")):
+            continue
+        if k.startswith(("head.", "classifier.")):
+            dropped.append(f"{k} {tuple(v.shape)}")
             continue
         out[re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)] = v  # un-chunk FSDP BlockChunks: blocks.c.i -> blocks.i
-    return out
+    if dropped:
+        warnings.warn(f"dropped the checkpoint's classification head ({', '.join(dropped)}): only the backbone loads")
+    return to_hub_layout(out)
 
 
-def infer_config(sd):
-    """The ViT kwargs that the tensors of a hub-layout state dict imply."""
-    if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
-        raise ValueError("this checkpoint holds no ViT backbone (no cls_token / patch_embed.proj.weight); "
-                         f"its first keys are {list(sd)[:5]}")
-    D = sd["cls_token"].shape[-1]
-    arch = next((a for a, c in ARCHS.items() if c["embed_dim"] == D), None)
-    if arch is None:
-        raise ValueError(f"embedding width {D} matches no known arch {[(a, c['embed_dim']) for a, c in ARCHS.items()]}")
+def infer_config(sd, num_heads=None):
+    """The ViT kwargs that the tensors of a hub-layout state dict imply. No tensor holds the number of heads: it is
+    num_heads if given, else DINOv2's for DINOv2's sizes, else assumed from the width (HEADS_BY_WIDTH or a head
+    dim of 64), with a warning that says so."""
+    if "cls_token" not in sd or "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
+        found = ", ".join(f"{k} {tuple(v.shape)}" for k, v in list(sd.items())[:6])
+        raise ValueError(f"this checkpoint holds no ViT backbone: no cls_token, pos_embed or patch embedding in "
+                         f"DINOv2's, timm's or Hugging Face's names; it has {len(sd)} tensors: {found}")
+    D, n_pos = sd["cls_token"].shape[-1], sd["pos_embed"].shape[1]
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    if depth != ARCHS[arch]["depth"]:
-        raise ValueError(f"width {D} means {arch} with {ARCHS[arch]['depth']} blocks, but the checkpoint has {depth}")
-    ffn = "swiglu" if "blocks.0.mlp.w12.weight" in sd else "mlp"
-    hidden = sd["blocks.0.mlp.w3.weight"].shape[1] if ffn == "swiglu" else sd["blocks.0.mlp.fc1.weight"].shape[0]
-    mlp_ratio = hidden / D if ffn == "mlp" else 4.0
-    patch = sd["patch_embed.proj.weight"].shape[-1]
-    grid = int(math.sqrt(sd["pos_embed"].shape[1] - 1))
-    regs = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
-    return dict(arch=arch, patch_size=patch, img_size=grid * patch, num_register_tokens=regs, ffn=ffn,
-                mlp_ratio=mlp_ratio)
-
-
-def load_backbone(path_or_state, arch=None, **overrides):
-    """Build a ViT and load weights from a local checkpoint of any known layout (see backbone_state_dict).
-    The architecture is inferred from the tensors unless `arch` (and overrides) are given. A pos-embed whose grid
-    differs from the model's (e.g. the hub's 37x37 into a model built at img_size=224) is resized once."""
-    if isinstance(path_or_state, dict):
-        obj = path_or_state
+    if "blocks.0.mlp.w12.weight" in sd:
+        ffn, hidden = "swiglu", sd["blocks.0.mlp.w3.weight"].shape[1]
+    elif "blocks.0.mlp.fc1.weight" in sd:
+        ffn, hidden = "mlp", sd["blocks.0.mlp.fc1.weight"].shape[0]
     else:
+        raise ValueError(f"cannot tell the FFN of this ViT ({depth} blocks): blocks.0 has "
+                         f"{sorted(k for k in sd if k.startswith('blocks.0.mlp.')) or 'no mlp tensors'}; known are "
+                         "fc1/fc2 (MLP, timm's SwiGLUPacked), w12/w3, fc1_g/fc1_x/fc2, weights_in/weights_out")
+    if not _is_square(n_pos - 1):
+        raise ValueError(f"cannot tell the patch grid: pos_embed has {n_pos} rows, not 1 + a square grid (nor "
+                         "timm's patches-only or CLS + registers + patches rows)")
+    patch, grid = sd["patch_embed.proj.weight"].shape[-1], math.isqrt(n_pos - 1)
+    regs = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
+    preset = next((c for c in ARCHS.values() if (c["embed_dim"], c["depth"]) == (D, depth)), None)
+    if num_heads is None and preset:
+        num_heads = preset["num_heads"]
+    elif num_heads is None:
+        num_heads = HEADS_BY_WIDTH.get(D, D // 64)
+        if num_heads == 0 or D % num_heads:
+            raise ValueError(f"cannot guess the number of attention heads of width {D} (no config.json next to the "
+                             "weights says it): pass num_heads=")
+        warnings.warn(f"no config.json gives the number of attention heads and no tensor holds it: assuming "
+                      f"{num_heads} heads of {D // num_heads} for width {D} (head dim 64, except width 1280: 16 heads "
+                      "as Virchow2's ViT-H/14); pass num_heads= if the model's authors used other")
+    return dict(arch=arch_name(D, depth, num_heads), embed_dim=D, depth=depth, num_heads=num_heads,
+                patch_size=patch, img_size=grid * patch, num_register_tokens=regs, ffn=ffn, ffn_hidden=hidden)
+
+
+def _heads_from_config(config, width):
+    """The number of heads that a Hugging Face or timm config.json states; None if it states none."""
+    if config.get("hidden_act", "gelu") != "gelu" or config.get("layer_norm_eps", 1e-6) != 1e-6:
+        raise ValueError(f"config.json asks for hidden_act={config.get('hidden_act')!r}, layer_norm_eps="
+                         f"{config.get('layer_norm_eps')}: only DINOv2's gelu and 1e-6 are supported")
+    if "num_attention_heads" in config:  # Hugging Face
+        return config["num_attention_heads"]
+    if "num_heads" in config.get("model_args", {}):  # timm's hub config
+        return config["model_args"]["num_heads"]
+    arch = config.get("architecture", "")
+    return next((h for (name, w), h in TIMM_HEADS.items() if arch.startswith(name) and w == width), None)
+
+
+def _load_tensors(path):
+    if path.endswith(".safetensors"):
         try:
-            obj = torch.load(path_or_state, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no checkpoint at {path_or_state!r}: give a local path (nothing is downloaded)")
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"reading {path} needs the safetensors package: pip install safetensors")
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a text file, a truncated download, a pickle of arbitrary objects
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _weight_files(folder):
+    """The weights of a Hugging Face or timm snapshot folder: model.safetensors, pytorch_model.bin, all shards of
+    a sharded model, or the folder's only weights file."""
+    names = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin", ".pth", ".pt")))
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if name in names:
+            return [name]
+    shards = [f for f in names if re.search(r"-\d+-of-\d+\.", f)]
+    shards = [f for f in shards if f.endswith(".safetensors")] or shards
+    if shards or len(names) == 1:
+        return shards or names
+    raise ValueError(f"{folder} holds {len(names)} weights files {names[:6]}: give the path of the one to load")
+
+
+def read_checkpoint(path_or_state, num_heads=None):
+    """Any checkpoint -> (backbone state dict in the DINOv2 hub layout, ViT kwargs of its architecture).
+    path_or_state: a state dict, a .pth/.pt/.bin/.safetensors file, or a Hugging Face / timm snapshot folder
+    (config.json + weights). The number of heads comes from num_heads, else from a config.json next to the
+    weights (Hugging Face's num_attention_heads, timm's model_args.num_heads or architecture name), else
+    infer_config's assumption."""
+    config, obj = {}, path_or_state
+    if not isinstance(path_or_state, dict):
+        path = str(path_or_state)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no checkpoint at {path!r}: give a local path (nothing is downloaded)")
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        obj = {}
+        for f in _weight_files(path) if os.path.isdir(path) else [path]:
+            obj.update(_load_tensors(os.path.join(folder, os.path.basename(f))))
+        if os.path.exists(os.path.join(folder, "config.json")):
+            with open(os.path.join(folder, "config.json")) as f:
+                config = json.load(f)
     sd = backbone_state_dict(obj)
-    cfg = infer_config(sd)
+    from_config = _heads_from_config(config, sd["cls_token"].shape[-1]) if "cls_token" in sd else None
+    cfg = infer_config(sd, num_heads or from_config)
+    if config.get("model_type") == "dinov2":  # transformers' Dinov2Model resizes its pos-embed without antialias
+        cfg["interpolate_antialias"] = False
+    return sd, cfg
+
+
+def load_backbone(path_or_state, arch=None, num_heads=None, **overrides):
+    """Build a ViT and load weights from a local checkpoint of any known layout (see read_checkpoint).
+    The architecture is inferred from the tensors unless `arch` (a preset's sizes) or overrides are given. A
+    pos-embed whose grid differs from the model's (e.g. the hub's 37x37 into a model built at img_size=224) is
+    resized once."""
+    sd, cfg = read_checkpoint(path_or_state, num_heads)
     if arch is not None:
+        cfg = {k: v for k, v in cfg.items() if k not in ("embed_dim", "depth", "num_heads")}
         cfg["arch"] = arch
     cfg.update(overrides)
     model = ViT(**cfg)
@@ -392,7 +576,7 @@ def load_into(model, sd):
     own = model.state_dict()
     if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape and \
             sd["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
-        G = int(math.sqrt(own["pos_embed"].shape[1] - 1))
+        G = math.isqrt(own["pos_embed"].shape[1] - 1)
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], (G, G), antialias=True)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -417,9 +601,12 @@ def describe_mismatch(model, sd, missing, unexpected, misshaped):
                                              for k in misshaped]))
     causes = []
     try:
-        cfg = infer_config(sd)
-        if cfg["arch"] != model.arch:
-            causes.append(f"the checkpoint is {cfg['arch']}, not {model.arch}: pass arch={cfg['arch']!r} or omit arch")
+        with warnings.catch_warnings():  # the heads are only a guess here, and the message does not need them
+            warnings.simplefilter("ignore")
+            cfg = infer_config(sd)
+        if (cfg["embed_dim"], cfg["depth"]) != (model.embed_dim, len(model.blocks)):
+            causes.append(f"the checkpoint is {cfg['arch']} (width {cfg['embed_dim']}, depth {cfg['depth']}), not "
+                          f"{model.arch}: omit arch to build the checkpoint's sizes")
         if cfg["ffn"] != model.ffn:
             causes.append(f"the checkpoint's FFN is {cfg['ffn']!r}, the model's {model.ffn!r}")
         if cfg["num_register_tokens"] != model.num_register_tokens:

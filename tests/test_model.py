@@ -32,7 +32,7 @@ def test_giant2_reg4_swiglu_parameter_count(img_size, expected):
 
 
 def test_smaller_archs_parameter_counts():
-    # recipe.md §1.1 (224 grid); heads: §3
+    # RECIPE.md §1.1 (224 grid); heads: §3
     with torch.device("meta"):
         assert n_params(M.ViT("vit_small", img_size=224, ffn="mlp", num_register_tokens=4)) == 21_630_720
         assert n_params(M.DINOHead(1536, 131072)) == 58_593_664
