@@ -8,7 +8,7 @@ sample slide. Two sampling modes:
   levels (OpenMidnight): N patches of 224x224 read natively at every pyramid level (or --levels);
   mpp (Midnight):        N patches per target resolution, read from the nearest finer level and resized.
 Positions are drawn in level-0 coordinates over the whole slide, with the patch inside it (OpenMidnight's released
-list drew level-k positions as if they were level-0: recipe.md §7.1). Candidates come from a tissue mask of a
+list drew level-k positions as if they were level-0: RECIPE.md §7.1). Candidates come from a tissue mask of a
 thumbnail; each patch is then verified at full resolution with OpenMidnight's HSV rule.
 
 Store layout: STORE/shards/<slide key>.bin (concatenated JPEG/PNG bytes) and <slide key>.idx.npz (offsets,
@@ -19,6 +19,7 @@ tissue mask and the sampled patches drawn on them.
 """
 import argparse
 import errno
+import functools
 import glob
 import hashlib
 import io
@@ -37,34 +38,60 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_SLIDE = os.path.join(HERE, "assets", "cmu_small_region.svs")
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 THUMB_MAX = 1024  # longest side of the tissue-mask thumbnail
+DEMO_PROBE_PER_CLASS = 100  # the demo's probe set: 300 images, 60 of them held out
 WHOLE_LEVEL_MAX = 32e6  # a level of at most this many pixels (and an integer downsample) is read once, then cut
+
+
+def bounded(kind, lo=None, hi=None):
+    """An argparse type: a number of `kind` in [lo, hi]; anything else fails at start-up naming the valid range."""
+    what = "an integer" if kind is int else "a number"
+    valid = " and ".join(([f">= {lo}"] if lo is not None else []) + ([f"<= {hi}"] if hi is not None else []))
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use {what} {valid}")
+        return value
+    return parse
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", nargs="?", default=SAMPLE_SLIDE, help="slide, folder of slides, or text file of paths")
     p.add_argument("--out", default=os.path.join(HERE, "data", "sample_store"), help="patch store directory")
-    p.add_argument("--patches-per-level", type=int, default=200,
+    p.add_argument("--patches-per-level", type=bounded(int, 1), default=200,
                    help="patches per slide and level (or per slide and target mpp); overlaps allowed")
-    p.add_argument("--levels", type=int, nargs="*", default=None, help="levels mode: which levels (default all)")
-    p.add_argument("--mpp", type=float, nargs="*", default=None,
+    p.add_argument("--levels", type=bounded(int, 0), nargs="*", default=None,
+                   help="levels mode: which levels (default all)")
+    p.add_argument("--mpp", type=bounded(float, 1e-3), nargs="*", default=None,
                    help="mpp mode: target microns per pixel, e.g. 0.25 0.5 1 2 (slides without mpp are skipped)")
-    p.add_argument("--patch-size", type=int, default=224)
+    p.add_argument("--patch-size", type=bounded(int, 8), default=224, help="patch side in pixels")
     p.add_argument("--format", choices=("jpeg", "png"), default="jpeg", help="png is lossless and ~5x larger")
-    p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--min-tissue", type=float, default=0.6,
+    p.add_argument("--jpeg-quality", type=bounded(int, 1, 100), default=90, help="JPEG quality (1-100)")
+    p.add_argument("--min-tissue", type=bounded(float, 0.0, 1.0), default=0.6,
                    help="keep a patch if more than this fraction of its pixels pass the HSV tissue test")
-    p.add_argument("--hsv-min", type=int, nargs=3, default=(90, 8, 103), metavar=("H", "S", "V"),
+    p.add_argument("--hsv-min", type=bounded(int, 0, 255), nargs=3, default=(90, 8, 103), metavar=("H", "S", "V"),
                    help="tissue pixel: H >= H (OpenCV's 0-180 hue), S >= S, V >= V (0-255)")
-    p.add_argument("--max-tries", type=int, default=20, help="candidate reads per wanted patch before giving up")
-    p.add_argument("--workers", type=int, default=1, help="processes over slides")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-shards", type=int, default=1, help="split the slide list over machines (SLURM array)")
-    p.add_argument("--shard-index", type=int, default=0, help="which part of the slide list this run does")
+    p.add_argument("--max-tries", type=bounded(int, 1), default=20,
+                   help="candidate reads per wanted patch before giving up")
+    p.add_argument("--workers", type=bounded(int, 1), default=1, help="processes over slides")
+    p.add_argument("--seed", type=bounded(int, 0), default=0, help="seeds the positions (with each slide's name)")
+    p.add_argument("--num-shards", type=bounded(int, 1), default=1, help="split the slide list over machines")
+    p.add_argument("--shard-index", type=bounded(int, 0), default=0, help="which part of the slide list this run does")
     p.add_argument("--merge", nargs="*", default=None, metavar="PART",
                    help="combine finished parts (other stores, or parts written into --out) into --out")
     p.add_argument("--no-qc", action="store_true", help="skip the QC thumbnails")
-    return p.parse_args(argv)
+    p.add_argument("--demo", action="store_true",
+                   help="the demo's data from the bundled slide: a 400-patch store in --out and a labelled probe "
+                   "set in --probe-out (which magnification, 0.5, 1 or 2 um/px, a patch was read at)")
+    p.add_argument("--probe-out", default=os.path.join(HERE, "data", "sample_probe"), help="the demo's probe set")
+    args = p.parse_args(argv)
+    if args.shard_index >= args.num_shards:
+        p.error(f"--shard-index {args.shard_index} must be below --num-shards {args.num_shards}")
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -90,39 +117,35 @@ def slide_key(path):
     return f"{stem}-{hashlib.sha1(path.encode()).hexdigest()[:10]}"
 
 
+@functools.lru_cache(maxsize=8)
+def _hsv_tables(hsv_min):
+    """OpenCV's uint8 RGB -> HSV (its color_hsv code) divides through fixed-point tables with 12 fractional bits,
+    rounded half to even (np.rint, as cvRound). With v = max, d = max - min:
+        S = (d * sdiv[v] + 2^11) >> 12,   H = (n * hdiv[d] + 2^11) >> 12, plus 180 if negative,
+    n being the hue numerator of the max channel: g - b for R, b - r + 2d for G, r - g + 4d for B (-255..1275).
+    Returns d_min[v], the smallest d with S >= S_min, and hue_ok[(n + 255) * 256 + d], whether H >= H_min."""
+    h_min, s_min, _ = hsv_min
+    q = np.arange(256, dtype=np.float64)
+    sdiv = np.rint(np.divide(255 << 12, q, out=np.zeros(256), where=q > 0)).astype(np.int64)  # 0 for v = 0
+    hdiv = np.rint(np.divide(180 << 12, 6 * q, out=np.zeros(256), where=q > 0)).astype(np.int64)
+    S = (np.arange(256)[None, :] * sdiv[:, None] + 2048) >> 12  # [v, d]
+    d_min = np.where(S >= s_min, np.arange(256), 256).min(axis=1).astype(np.int16)  # S grows with d
+    H = (np.arange(-255, 5 * 255 + 1)[:, None] * hdiv[None, :] + 2048) >> 12  # [n + 255, d]
+    return d_min, (np.where(H < 0, H + 180, H) >= h_min).ravel()
+
+
 def tissue_fraction_map(rgb, hsv_min):
-    """Per-pixel tissue test with OpenCV's uint8 HSV conventions (H = hue in degrees / 2, rounded, 0-180; S and V
-    0-255), as OpenMidnight (Virchow's rule): H >= 90 (cyan through magenta, where H&E stains lie), S >= 8,
-    V >= 103. Written as exact integer inequalities on small integer types (no division; ~3x faster than
-    computing H and S), since this test runs on every candidate patch:
-      S = round(255 d / V) >= s  <=>  d >= ceil((2 s - 1) V / 510), with d = max - min (a 256-entry table);
-      H = round(30 h) >= h_min   <=>  60 h >= 2 h_min - 1, h the hue in sextants: (g - b) / d when R is the max
-      (+6 if negative), 2 + (b - r) / d when G is, 4 + (r - g) / d when B is; per branch this is
-      60 num >= k d with num in [-d, d], which is always true for k <= -60 and never for k > 60."""
-    h_min, s_min, v_min = hsv_min
+    """Per-pixel tissue test of OpenMidnight (Virchow's rule) on OpenCV's uint8 HSV, bit for bit as
+    cv2.cvtColor(COLOR_RGB2HSV) + inRange (H = hue in degrees / 2, 0-180; S and V 0-255): H >= 90 (cyan through
+    magenta, where H&E stains lie), S >= 8, V >= 103 by default. Two table look-ups per pixel and no division:
+    this runs on every candidate patch."""
+    d_min, hue_ok = _hsv_tables(tuple(hsv_min))
     rgb = np.asarray(rgb, dtype=np.uint8)
     r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
     v = np.maximum(np.maximum(r, g), b)
     d = v - np.minimum(np.minimum(r, g), b)
-    s_table = np.ceil((2 * s_min - 1) * np.arange(256) / 510).astype(np.int16)
-    ok = (v >= v_min) & (d >= s_table[v])
-    if h_min <= 0:
-        return ok
-    lhs = 2 * h_min - 1
-
-    def sextant_ok(num, k):
-        if k <= -60:
-            return np.ones(num.shape, dtype=bool)
-        if k > 60:
-            return np.zeros(num.shape, dtype=bool)
-        return 60 * num >= k * d
-
-    is_r = v == r
-    is_g = (v == g) & ~is_r
-    is_b = ~(is_r | is_g)
-    hue_r = np.where(g < b, sextant_ok(g - b, lhs - 360), sextant_ok(g - b, lhs))
-    hue = (is_r & hue_r) | (is_g & sextant_ok(b - r, lhs - 120)) | (is_b & sextant_ok(r - g, lhs - 240))
-    return ok & hue & (d > 0)  # greys have H = 0
+    n = np.where(v == r, g - b, np.where(v == g, b - r + 2 * d, r - g + 4 * d))
+    return (v >= hsv_min[2]) & (d >= np.take(d_min, v)) & np.take(hue_ok, (n.astype(np.int32) + 255) * 256 + d)
 
 
 def tissue_fraction(rgb, hsv_min):
@@ -175,7 +198,8 @@ def sample_slide(path, args):
     mask = tissue_fraction_map(np.asarray(thumb), args.hsv_min)
     sx, sy = W0 / mask.shape[1], H0 / mask.shape[0]  # level-0 pixels per thumbnail pixel
     integral = np.pad(mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    rng = np.random.default_rng([args.seed, int(hashlib.sha1(path.encode()).hexdigest()[:12], 16)])
+    # positions depend on the slide's file name, not on where it lies: every copy of a store is the same
+    rng = np.random.default_rng([args.seed, int(hashlib.sha1(os.path.basename(path).encode()).hexdigest()[:12], 16)])
     payloads, rows, boxes = [], [], []
     for name, level, size, footprint, mpp in plans:
         stats = {"accepted": 0, "tries": 0}
@@ -296,14 +320,18 @@ def process_slide(job):
     lengths = np.array([len(p) for p in payloads], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     rows = np.array(rows, dtype=np.float64)
-    atomic_write(os.path.join(shard_dir, key + ".bin"), lambda f: [f.write(p) for p in payloads])
-    if qc is not None:
-        os.makedirs(os.path.join(args.out, "qc"), exist_ok=True)
-        atomic_write(os.path.join(args.out, "qc", key + ".jpg"), lambda f: qc.save(f, "JPEG", quality=85))
-    atomic_write(idx_path, lambda f: np.savez(f, offsets=offsets, lengths=lengths, level=rows[:, 0].astype(np.int32),
-                                              x=rows[:, 1].astype(np.int64), y=rows[:, 2].astype(np.int64),
-                                              mpp=rows[:, 3], size=rows[:, 4].astype(np.int32),
-                                              slide=np.array(path), report=np.array(json.dumps(report))))
+    try:  # the index goes last: a shard without its index is redone by the next run, never read
+        atomic_write(os.path.join(shard_dir, key + ".bin"), lambda f: [f.write(p) for p in payloads],
+                     size_hint=int(lengths.sum()))
+        if qc is not None:
+            os.makedirs(os.path.join(args.out, "qc"), exist_ok=True)
+            atomic_write(os.path.join(args.out, "qc", key + ".jpg"), lambda f: qc.save(f, "JPEG", quality=85))
+        atomic_write(idx_path, lambda f: np.savez(
+            f, offsets=offsets, lengths=lengths, level=rows[:, 0].astype(np.int32), x=rows[:, 1].astype(np.int64),
+            y=rows[:, 2].astype(np.int64), mpp=rows[:, 3], size=rows[:, 4].astype(np.int32), slide=np.array(path),
+            report=np.array(json.dumps(report))))
+    except OSError as e:  # a full disk stops the whole run (the other slides would fail alike)
+        return {"slide": path, "key": key, "n_patches": 0, "status": "write_failed", "reason": str(e)}
     return report
 
 
@@ -340,6 +368,11 @@ def prepare(args):
     pool = Pool(args.workers) if args.workers > 1 else None
     results = pool.imap_unordered(process_slide, jobs) if pool else map(process_slide, jobs)
     for rep in results:
+        if rep.get("status") == "write_failed":
+            if pool:
+                pool.terminate()
+            raise SystemExit(f"could not write the shard of {rep['slide']}: {rep['reason']}; finished slides are "
+                             "kept and the same command resumes")
         reports.append(rep)
         n_written += rep["n_patches"]
         bar.set_postfix(patches=n_written, per_s=f"{n_written / max(time.time() - t0, 1e-9):.0f}")
@@ -365,7 +398,6 @@ def prepare(args):
 def merge(args):
     """Combine finished parts into args.out: part manifests written into args.out by --num-shards runs, and/or
     other store directories (their shards are hard-linked or copied in)."""
-    import shutil
     os.makedirs(os.path.join(args.out, "shards"), exist_ok=True)
     part_files = sorted(glob.glob(os.path.join(args.out, "manifest-part*.json")))
     for store in args.merge:
@@ -378,12 +410,14 @@ def merge(args):
         settings = settings or {k: part[k] for k in ("format", "patch_size", "sampling")}
         for shard in part["shards"]:
             for ext in (".bin", ".idx.npz"):
-                a, b = os.path.join(src, "shards", shard["key"] + ext), os.path.join(args.out, "shards", shard["key"] + ext)
+                a = os.path.join(src, "shards", shard["key"] + ext)
+                b = os.path.join(args.out, "shards", shard["key"] + ext)
                 if os.path.abspath(a) != os.path.abspath(b) and not os.path.exists(b):
                     try:
                         os.link(a, b)
-                    except OSError:
-                        shutil.copyfile(a, b)
+                    except OSError:  # another filesystem: a copy, atomic like every write here
+                        with open(a, "rb") as src_file:
+                            atomic_write(b, lambda f: shutil.copyfileobj(src_file, f))
             reports[shard["key"]] = {**shard, "status": "ok", "n_patches": shard["n"]}
     if not reports:
         raise SystemExit(f"nothing to merge: no manifest-part*.json in {args.out} and no manifest in {args.merge}")
@@ -392,11 +426,34 @@ def merge(args):
     return manifest
 
 
+def prepare_demo(args):
+    """The demo's data from the bundled slide: a 400-patch store (OpenMidnight's level sampling) and a labelled
+    probe set, folders of PNG patches named by the resolution they were read at (0.5, 1, 2 um/px; the slide has no
+    tissue labels), for the kNN probe at the end of `python train.py`."""
+    store = prepare(get_args([SAMPLE_SLIDE, "--out", args.out, "--patches-per-level", "400"]))
+    tmp = args.probe_out + "-store"
+    probe = prepare(get_args([SAMPLE_SLIDE, "--out", tmp, "--mpp", "0.5", "1", "2", "--no-qc", "--format", "png",
+                              "--patches-per-level", str(DEMO_PROBE_PER_CLASS), "--seed", "123"]))
+    for shard in probe["shards"]:
+        base = os.path.join(tmp, "shards", shard["key"])
+        with np.load(base + ".idx.npz") as z, open(base + ".bin", "rb") as f:
+            for i, (offset, length, mpp) in enumerate(zip(z["offsets"], z["lengths"], z["mpp"])):
+                folder = os.path.join(args.probe_out, f"{mpp:g}mpp")
+                os.makedirs(folder, exist_ok=True)
+                f.seek(int(offset))
+                png = f.read(int(length))
+                atomic_write(os.path.join(folder, f"{i:04d}.png"), lambda out: out.write(png))
+    open(os.path.join(args.probe_out, "DONE"), "w").close()  # written last: the probe set is complete
+    return store
+
+
 def main(argv=None):
     args = get_args(argv)
     if args.merge is not None:
         merge(args)
         return 0
+    if args.demo:
+        return 0 if prepare_demo(args) else 1
     return 0 if prepare(args) else 1
 
 
