@@ -2,12 +2,11 @@
 Data augmentation of the recipe (OpenMidnight's DataAugmentationDINO, op for op) with torch, numpy and pillow only:
 multi-crop, HED stain jitter, colour jitter, grayscale, Gaussian blur, normalisation, and DINOv2's iBOT block masks.
 
-Two paths, one implementation:
-  (a) multicrop(img)       : everything in the loader worker, returns normalised float crops;
-  (b) multicrop_uint8(img) : the worker only crops to uint8 and draws the colour parameters; color_augment() then
-      runs the colour ops batched on the training device, each sample with its own parameters.
-The colour ops are torch functions on (n, 3, H, W) float tensors in [0, 1]: a single crop on CPU in (a), a whole
-batch on GPU in (b). All randomness comes from a torch.Generator, so a sample's crops depend only on its seed.
+One pipeline in two halves: multicrop_uint8(img) cuts the random-resized, flipped crops (uint8) and draws every
+crop's colour parameters; finish_crops() applies the colour ops and the normalisation to a stack of crops. The one
+switch is where finish_crops runs: in the loader worker, on one sample's crops (multicrop, CPU training), or on the
+training device, on the whole batch (train.prepare_batch with --gpu-augment). All randomness comes from a
+torch.Generator, so a sample's crops depend only on its seed, wherever the colour ops run.
 """
 import math
 from dataclasses import dataclass, field
@@ -19,11 +18,15 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# input normalisations (mean, std) by name: ImageNet's (DINOv2, OpenMidnight, eva, most public models), Midnight's
+# 0.5 / 0.5, and H-optimus-0's own statistics (its model card)
+NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3),
+         "hoptimus": ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))}
 
 
 @dataclass
 class AugmentConfig:
-    """The recipe's values (recipe.md §6). A probability of 0 switches an op off."""
+    """The recipe's values (RECIPE.md §6). A probability of 0 switches an op off."""
     global_size: int = 224
     local_size: int = 98
     n_local_crops: int = 8
@@ -195,15 +198,17 @@ def color_augment(x, params, cfg):
     return _apply_on(x, params["blur_apply"], lambda t, s: gaussian_blur(t, s, cfg.blur_kernel), params["blur_sigma"])
 
 
+def finish_crops(x_uint8, params, cfg):
+    """The second half of the pipeline: colour ops, then normalisation, on uint8 crops (n, 3, S, S)."""
+    x = color_augment(x_uint8.float().div_(255.0), params, cfg)
+    return normalize(x, cfg.mean, cfg.std)
+
+
 def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """(x - mean) / std per channel of (..., 3, H, W) images in [0, 1]; ImageNet's statistics unless given."""
     mean = torch.tensor(mean, device=x.device, dtype=x.dtype)[:, None, None]
     std = torch.tensor(std, device=x.device, dtype=x.dtype)[:, None, None]
     return (x - mean) / std
-
-
-def to_float(x_uint8):
-    return x_uint8.float().div_(255.0)
 
 
 # -----------------------------------------------------------------------------
@@ -242,8 +247,8 @@ def _crop(img, size, scale, flip_prob, generator):
 
 
 def multicrop_uint8(img, generator=None, cfg=None):
-    """The CPU part of path (b): 2 global + n local random-resized, flipped crops as uint8 (3, S, S) tensors, plus
-    the colour parameters drawn for them (applied later by color_augment on the training device)."""
+    """The first half of the pipeline: 2 global + n local random-resized, flipped crops as uint8 (3, S, S) tensors,
+    plus the colour parameters drawn for them (applied by finish_crops)."""
     cfg = cfg or AugmentConfig()
     if not isinstance(img, Image.Image):
         img = Image.fromarray(np.asarray(img, dtype=np.uint8))
@@ -259,15 +264,12 @@ def multicrop_uint8(img, generator=None, cfg=None):
 
 
 def multicrop(img, generator=None, cfg=None):
-    """Path (a): the same crops and parameters as multicrop_uint8, colour ops and normalisation applied here.
-    Returns {"global_crops": [2 x (3, 224, 224) float], "local_crops": [8 x (3, 98, 98) float]}."""
+    """The whole pipeline on one sample, in the worker: {"global_crops": [2 x (3, 224, 224) float],
+    "local_crops": [8 x (3, 98, 98) float]}, normalised."""
     cfg = cfg or AugmentConfig()
     raw = multicrop_uint8(img, generator, cfg)
-    out = {}
-    for kind, key in (("global", "global_crops"), ("local", "local_crops")):
-        x = color_augment(to_float(torch.stack(raw[key])), raw[f"{kind}_params"], cfg)
-        out[key] = list(normalize(x, cfg.mean, cfg.std).unbind(0))
-    return out
+    return {f"{kind}_crops": list(finish_crops(torch.stack(raw[f"{kind}_crops"]), raw[f"{kind}_params"], cfg))
+            for kind in ("global", "local")}
 
 
 # -----------------------------------------------------------------------------
@@ -301,17 +303,13 @@ def block_mask(n_target, grid=16, min_patches=4, max_patches=None, min_aspect=0.
     return mask
 
 
-def _mask_ratio_bins(n_crops, ratio_min_max, sample_prob):
-    n_masked = int(n_crops * sample_prob)
-    return n_masked, torch.linspace(ratio_min_max[0], ratio_min_max[1], n_masked + 1).tolist()
-
-
 def sample_masks(n_crops, grid=16, ratio_min_max=(0.1, 0.45), sample_prob=0.5, generator=None):
     """Masks for one batch of global crops, as DINOv2's collate draws them: int(n_crops * sample_prob) crops get a
-    block mask whose ratio is stratified over ratio_min_max (crop i draws from the i-th of equal bins), the rest
-    none, in shuffled order. Returns (n_crops, grid*grid) bool."""
+    block mask whose ratio is stratified over ratio_min_max (the i-th masked crop draws its ratio from the i-th of
+    equal bins), the rest none, in shuffled order. Returns (n_crops, grid*grid) bool."""
     N = grid * grid
-    n_masked, bins = _mask_ratio_bins(n_crops, ratio_min_max, sample_prob)
+    n_masked = int(n_crops * sample_prob)
+    bins = torch.linspace(ratio_min_max[0], ratio_min_max[1], n_masked + 1).tolist()
     masks = [block_mask(int(N * _uniform(generator, bins[i], bins[i + 1])), grid, generator=generator)
              for i in range(n_masked)]
     masks += [np.zeros((grid, grid), dtype=bool)] * (n_crops - n_masked)
@@ -319,26 +317,18 @@ def sample_masks(n_crops, grid=16, ratio_min_max=(0.1, 0.45), sample_prob=0.5, g
     return torch.from_numpy(np.stack([masks[i] for i in order]).reshape(n_crops, N))
 
 
-def mask_upperbound(n_crops, grid=16, ratio_min_max=(0.1, 0.45), sample_prob=0.5):
-    """A fixed bound on the masked-token count of a batch (sum of each bin's top), for static buffer shapes."""
-    n_masked, bins = _mask_ratio_bins(n_crops, ratio_min_max, sample_prob)
-    return sum(int(grid * grid * bins[i + 1]) for i in range(n_masked))
-
-
 def mask_targets(masks):
-    """What the iBOT loss needs from (n_crops, N) bool masks: the masks, flat indices of masked tokens, each masked
-    token's weight 1 / (masked count of its crop), and the masked count."""
+    """What the iBOT loss needs from (n_crops, N) bool masks: the masks, flat indices of the masked tokens, and each
+    masked token's weight 1 / (masked count of its crop), so that every masked crop weighs the same."""
     counts = masks.sum(dim=1)
     return {"masks": masks, "mask_indices": masks.flatten().nonzero().flatten(),
-            "masks_weight": (1.0 / counts.clamp(min=1)).unsqueeze(1).expand_as(masks)[masks],
-            "n_masked": int(counts.sum())}
+            "masks_weight": (1.0 / counts.clamp(min=1)).unsqueeze(1).expand_as(masks)[masks]}
 
 
-def collate(samples, ratio_min_max=(0.1, 0.45), sample_prob=0.5, grid=16, generator=None, masks=None):
-    """Stack a list of multicrop outputs (path a or b) into a batch with iBOT masks (drawn here unless given):
-    global_crops (2B, 3, S, S) ordered [g1 of all samples; g2 of all], local_crops (nB, 3, s, s) by crop index,
-    masks (2B, grid^2) bool, mask_indices (flat indices of masked tokens into 2B * grid^2), masks_weight (1 / masked
-    count of the token's image, per masked token), n_masked, upperbound; colour params stacked alike (path b)."""
+def collate(samples, masks):
+    """Stack multicrop outputs into a batch: global_crops (2B, 3, S, S) ordered [g1 of all samples; g2 of all],
+    local_crops (nB, 3, s, s) by crop index, colour parameters stacked alike (uint8 crops), and the iBOT mask
+    tensors of the given (2B, grid^2) masks (rows in the order of global_crops)."""
     n_global, n_local = len(samples[0]["global_crops"]), len(samples[0]["local_crops"])
     batch = {
         "global_crops": torch.stack([s["global_crops"][i] for i in range(n_global) for s in samples]),
@@ -352,11 +342,4 @@ def collate(samples, ratio_min_max=(0.1, 0.45), sample_prob=0.5, grid=16, genera
     for key in ("index", "epoch", "position"):
         if key in samples[0]:
             batch[key] = torch.tensor([s[key] for s in samples])
-    n_crops = n_global * len(samples)
-    drawn = masks is None
-    if drawn:
-        masks = sample_masks(n_crops, grid, ratio_min_max, sample_prob, generator)
-    batch.update(mask_targets(masks))
-    # DINOv2's static buffer bound; for given masks (sliced from a larger batch) only their own count is known
-    batch["upperbound"] = mask_upperbound(n_crops, grid, ratio_min_max, sample_prob) if drawn else batch["n_masked"]
-    return batch
+    return {**batch, **mask_targets(masks)}

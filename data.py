@@ -83,8 +83,9 @@ def sample_generator(seed, epoch, index):
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """Indexed by (epoch, store index) pairs from InfiniteSampler. on_device=True is path (b): uint8 crops plus
-    colour parameters, the colour ops run batched on the training device; False is path (a)."""
+    """Indexed by (epoch, store index, position) from InfiniteSampler. on_device=True returns uint8 crops plus
+    their colour parameters (augment.finish_crops then runs batched on the training device); False finishes the
+    crops here, in the worker."""
 
     def __init__(self, store, cfg=None, seed=0, on_device=False):
         self.store, self.cfg, self.seed, self.on_device = store, cfg or augment.AugmentConfig(), seed, on_device
@@ -102,8 +103,8 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """Yields (epoch, store index, global sample number) forever. Global sample s belongs to epoch s // n and is item s % n of that
-    epoch's permutation (seeded by seed and epoch). Step t's global batch is samples [tG, (t+1)G), G = world x B,
+    """Yields (epoch, store index, global sample number) forever. Global sample s belongs to epoch s // n and is item
+    s % n of that epoch's permutation (seeded by seed and epoch). Step t's global batch is samples [tG, (t+1)G), G = world x B,
     and rank r takes the r-th block of B of it: the ranks' parts of every epoch are disjoint and cover it, the
     global batch does not depend on the number of ranks, and `start` (this rank's samples already consumed,
     = steps x B) resumes the exact sequence."""
@@ -122,6 +123,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
         position = self.position(k)
         epoch, j = divmod(position, self.n)
         if epoch != self._perm_epoch:
+            # an epoch's permutation has its own seed space (1_000_003, a prime, keeps seeds and epochs apart)
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).numpy(), epoch
         return epoch, int(self._perm[j]), position
@@ -137,24 +139,27 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
 
 def collate_batch(samples, global_batch, seed=0, ratio_min_max=(0.1, 0.45), sample_prob=0.5, grid=16):
-    """augment.collate with iBOT masks drawn for the whole global batch (seeded by the global step, stratified as
-    DINOv2's collate over all its global crops) and sliced to this rank's samples: batches, masks included, are
-    then identical for any split of the global batch, and reproducible on resume."""
+    """augment.collate with the iBOT masks of the whole global batch, drawn as DINOv2's collate draws them for a
+    batch (stratified ratios over all its global crops), seeded by the global step, and sliced to this rank's
+    samples: a batch, masks included, is then the same for any split of the global batch over ranks and workers,
+    and on resume."""
     step = samples[0]["position"] // global_batch
+    # its own stream: sample_generator(seed, epoch, index) seeds the crops, and (seed, step, 0) would collide with
+    # patch 0's; 7919 (a prime) moves the masks to another seed
     g = sample_generator(seed + 7919, step, 0)
     masks = augment.sample_masks(2 * global_batch, grid, ratio_min_max, sample_prob, g)  # rows [g1 all; g2 all]
     slots = [s["position"] % global_batch for s in samples]
     rows = [v * global_batch + slot for v in range(2) for slot in slots]
-    return augment.collate(samples, masks=masks[rows])
+    return augment.collate(samples, masks[rows])
 
 
 def make_loader(store, batch_size, cfg=None, seed=0, rank=0, world_size=1, start=0, on_device=False, workers=4,
-                pin_memory=False, prefetch_factor=4, mask_ratio=(0.1, 0.45), mask_prob=0.5):
-    """DataLoader over the store: workers decode and crop (and, path a, colour-augment); persistent workers,
-    prefetching and pinned memory keep the device fed. `start` = samples this rank already consumed."""
+                pin_memory=False, prefetch_factor=4, mask_ratio=(0.1, 0.45), mask_prob=0.5, patch_size=14):
+    """DataLoader over the store: workers decode and crop (and, unless on_device, run the colour ops); persistent
+    workers, prefetching and pinned memory keep the device fed. `start` = samples this rank already consumed."""
     dataset = MultiCropDataset(store, cfg, seed, on_device)
     sampler = InfiniteSampler(len(store), batch_size, rank, world_size, seed, start)
-    grid = (cfg or augment.AugmentConfig()).global_size // 14
+    grid = (cfg or augment.AugmentConfig()).global_size // patch_size  # iBOT masks live on the patch grid
     collate = partial(collate_batch, global_batch=batch_size * world_size, seed=seed, ratio_min_max=mask_ratio,
                       sample_prob=mask_prob, grid=grid)
     return torch.utils.data.DataLoader(  # own generator: creating workers must not consume the global RNG

@@ -37,28 +37,24 @@ def _no_autocast(x):
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3, n_valid=None):
+def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3):
     """Teacher assignment probabilities by Sinkhorn-Knopp, as DINOv2 (Caron et al. 2020, SwAV; DINOv2 §3):
     Q = exp(z / T), then alternately make every prototype's total mass 1/K (a sum over the *global* batch,
     all-reduced) and every sample's mass 1/B; finally each sample's row sums to 1.
 
-    teacher_logits: (b, K) on this rank. n_valid: only the first n_valid rows are real (e.g. masked tokens in a
-    zero-padded buffer); padding rows are left out of every sum and come back as zeros.
+    teacher_logits: (b, K) on this rank (b may differ between ranks, as the masked-token counts do).
     Before exp, each prototype's max over the global batch is subtracted: a per-prototype factor is undone by
     the prototype normalisation that comes first, so this is exact, and logits of any magnitude stay finite
     (1e4 / 0.04 overflows a plain exp). DINOv2's initial total-mass normalisation and the constants 1/K, 1/B
     cancel in the next normalisation and are left out. Returns (b, K) float32."""
     with _no_autocast(teacher_logits):
-        n = teacher_logits.shape[0] if n_valid is None else int(n_valid)
-        L = teacher_logits[:n].float()
-        m = L.max(dim=0).values if n else L.new_full(L.shape[1:], -float("inf"))
+        L = teacher_logits.float()
+        m = L.max(dim=0).values if len(L) else L.new_full(L.shape[1:], -float("inf"))  # a rank may have 0 rows
         m = _all_reduce(m, dist.ReduceOp.MAX if _distributed() else None)
-        Q = torch.sub(L, torch.where(torch.isfinite(m), m, torch.zeros_like(m))).div_(teacher_temp).exp_()  # (n, K)
+        Q = torch.sub(L, torch.where(torch.isfinite(m), m, torch.zeros_like(m))).div_(teacher_temp).exp_()  # (b, K)
         for _ in range(n_iterations):
             Q /= _all_reduce(Q.sum(dim=0)).clamp_min(1e-30)  # prototypes: over the global batch (0/0 guarded)
             Q /= Q.sum(dim=1, keepdim=True).clamp_min(1e-30)  # samples: each row sums to 1
-        if n < teacher_logits.shape[0]:
-            Q = torch.cat([Q, Q.new_zeros(teacher_logits.shape[0] - n, Q.shape[1])])
         return Q
 
 
@@ -123,7 +119,7 @@ def kde_loss(x, kappa=5.0, variant="spread"):
       sphere, which is what replacing KoLeo (also an entropy estimator) should do; it equals Wang & Isola's
       uniformity loss with t = kappa / 2 up to the self-term.
     "openmidnight": -mean_i log( sum_j exp(kappa cos(x_i, x_j)) + 1e-9 ), self-term included, exactly what
-      OpenMidnight's released model minimised (recipe.md §4.5). It is an entropy *estimate*, and minimising it
+      OpenMidnight's released model minimised (RECIPE.md §4.5). It is an entropy *estimate*, and minimising it
       pulls embeddings together: kept only to reproduce that run.
     Float32 regardless of autocast (OpenMidnight's fp16 version overflows for B > ~440)."""
     with _no_autocast(x):
@@ -154,13 +150,29 @@ def koleo_loss(x, eps=1e-8):
 # collapse signals
 
 
+def _entropy(logits, temp):
+    """Mean per-row entropy of softmax(logits / temp), and the row-mean distribution."""
+    logp = F.log_softmax(logits.float() / temp, dim=-1)
+    p = logp.exp()
+    return -(p * logp).sum(dim=-1).mean(), p.mean(dim=0)
+
+
 @torch.no_grad()
-def teacher_health(teacher_probs):
-    """Two collapse detectors on teacher targets (rows, K): the mean per-row entropy (-> 0 when every sample picks
-    one prototype) and the KL of the batch-mean distribution to uniform (-> log K when all samples pick the same
-    prototype). Healthy Sinkhorn targets keep the KL near 0."""
-    p = teacher_probs.float()
-    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1).mean()
-    mean = p.mean(dim=0)
-    kl_uniform = (mean * torch.log(mean.clamp_min(1e-30) * p.shape[-1])).sum()
-    return {"teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform}  # tensors: no device sync here
+def collapse_signals(teacher_logits, student_logits, teacher_temp, student_temp):
+    """Signals that move when training collapses or learns nothing, under both centerings. Sinkhorn-Knopp targets
+    are balanced by construction (their batch mean is uniform), so these read the networks' own outputs instead:
+    - teacher_entropy: mean entropy of softmax(teacher logits / T_t) *before* Sinkhorn-Knopp or centering;
+      -> 0 when each sample picks one prototype with certainty, -> log K when the outputs are flat;
+    - teacher_kl_uniform: KL(batch mean of those softmaxes || uniform); -> log K when every sample picks the same
+      prototype (collapse), small when samples spread over the prototypes;
+    - prototype_wins: (K,) how many samples have each prototype as the teacher's argmax (train.py sums it over the
+      global batch and logs the count of prototypes that win at least one sample: 1 under collapse);
+    - student_entropy: the same entropy for softmax(student logits / T_s); stuck at log K = nothing learned."""
+    with _no_autocast(teacher_logits):
+        t_entropy, t_mean = _entropy(teacher_logits, teacher_temp)
+        s_entropy, _ = _entropy(student_logits, student_temp)
+        K = teacher_logits.shape[-1]
+        kl = (t_mean * torch.log(t_mean.clamp_min(1e-30) * K)).sum()
+        wins = torch.bincount(teacher_logits.argmax(dim=-1), minlength=K)
+    return {"teacher_entropy": t_entropy, "teacher_kl_uniform": kl, "student_entropy": s_entropy,
+            "prototype_wins": wins}  # tensors: no device sync here

@@ -44,13 +44,6 @@ def test_sinkhorn_is_finite_for_huge_logits_and_many_prototypes():
     assert torch.isfinite(Q).all() and torch.allclose(Q.sum(1), torch.ones(8), atol=1e-4)
 
 
-def test_sinkhorn_padding_rows_are_ignored():
-    z = torch.randn(10, 20)
-    full = L.sinkhorn_knopp(z[:7], 0.1)
-    padded = L.sinkhorn_knopp(torch.cat([z[:7], torch.randn(3, 20) * 100]), 0.1, n_valid=7)
-    assert torch.allclose(padded[:7], full, atol=1e-6) and torch.all(padded[7:] == 0)
-
-
 def test_softmax_center_and_center_update():
     z, c = torch.randn(5, 7), torch.randn(1, 7)
     p = L.softmax_center(z, c, 0.04)
@@ -165,16 +158,31 @@ def test_losses_are_float32_and_finite_under_bf16_autocast():
     assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
 
 
-def test_teacher_health_signals():
-    K = 16
-    uniform = torch.full((4, K), 1.0 / K)
-    collapsed = torch.zeros(4, K)
-    collapsed[:, 3] = 1
-    h_u = {k: float(v) for k, v in L.teacher_health(uniform).items()}
-    h_c = {k: float(v) for k, v in L.teacher_health(collapsed).items()}
-    assert h_u["teacher_entropy"] == pytest.approx(math.log(K), rel=1e-5) and abs(h_u["teacher_kl_uniform"]) < 1e-6
-    assert h_c["teacher_entropy"] == pytest.approx(0.0, abs=1e-5)
-    assert h_c["teacher_kl_uniform"] == pytest.approx(math.log(K), rel=1e-5)
+def test_collapse_signals_on_collapsed_uniform_and_healthy_logits():
+    K, B = 16, 8
+    collapsed = torch.zeros(B, K)
+    collapsed[:, 3] = 50.0  # every sample picks prototype 3 with certainty
+    uniform = torch.zeros(B, K)  # flat outputs: nothing learned
+    healthy = torch.zeros(B, K)
+    healthy[torch.arange(B), torch.arange(B) * 2] = 50.0  # each sample confident, on its own prototype
+    sig = {name: {k: v.float() for k, v in L.collapse_signals(z, z, 0.07, 0.1).items()}
+           for name, z in (("collapsed", collapsed), ("uniform", uniform), ("healthy", healthy))}
+    # by hand: a one-hot softmax has entropy 0; the flat one log K; KL(mean || uniform) = log K for one shared
+    # prototype, 0 for flat outputs, log(K / B) for B distinct one-hot prototypes
+    assert sig["collapsed"]["teacher_entropy"] == pytest.approx(0.0, abs=1e-4)
+    assert sig["collapsed"]["teacher_kl_uniform"] == pytest.approx(math.log(K), abs=1e-4)
+    assert int((sig["collapsed"]["prototype_wins"] > 0).sum()) == 1 and sig["collapsed"]["prototype_wins"][3] == B
+    assert sig["uniform"]["teacher_entropy"] == pytest.approx(math.log(K), rel=1e-5)
+    assert sig["uniform"]["student_entropy"] == pytest.approx(math.log(K), rel=1e-5)
+    assert sig["uniform"]["teacher_kl_uniform"] == pytest.approx(0.0, abs=1e-6)
+    assert sig["healthy"]["teacher_entropy"] == pytest.approx(0.0, abs=1e-4)
+    assert sig["healthy"]["teacher_kl_uniform"] == pytest.approx(math.log(K / B), abs=1e-4)
+    assert int((sig["healthy"]["prototype_wins"] > 0).sum()) == B
+    # the temperatures are the networks' own: a student logit gap of 1 at T_s = 0.1 is a softmax of gap 10
+    two = torch.tensor([[1.0, 0.0]])
+    p = torch.softmax(torch.tensor([10.0, 0.0]), 0)
+    entropy = L.collapse_signals(two, two, 1.0, 0.1)["student_entropy"].item()
+    assert entropy == pytest.approx(-(p * p.log()).sum().item(), rel=1e-5)
 
 
 # -- distributed: 2 gloo processes on halves == 1 process on the whole --------------------------------------------
@@ -184,11 +192,9 @@ def _worker(rank, init_file, z_cls, z_patch, n_valid_per_rank, out_dir):
     torch.set_num_threads(1)
     half = z_cls.shape[0] // 2
     q_cls = L.sinkhorn_knopp(z_cls[rank * half:(rank + 1) * half], 0.07)
-    # masked tokens: each rank has its own count, padded to a fixed buffer of 10 rows
+    # masked tokens: each rank has its own count
     start = sum(n_valid_per_rank[:rank])
-    n = n_valid_per_rank[rank]
-    buf = torch.cat([z_patch[start:start + n], torch.randn(10 - n, z_patch.shape[1]) * 50])
-    q_patch = L.sinkhorn_knopp(buf, 0.07, n_valid=n)[:n]
+    q_patch = L.sinkhorn_knopp(z_patch[start:start + n_valid_per_rank[rank]], 0.07)
     center = L.update_center(torch.zeros(1, z_cls.shape[1]), z_cls[rank * half:(rank + 1) * half])
     torch.save({"cls": q_cls, "patch": q_patch, "center": center}, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
