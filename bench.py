@@ -1,14 +1,16 @@
 """
-Benchmarks, nanoGPT-style: each prints what it measured; nothing here is a test.
+Benchmarks, nanoGPT-style: each prints what it measured as JSON; nothing here is a test.
 
     python bench.py step  [--preset vits] [--batch-size 4] [train.py flags...]   # a training step, phase by phase
-    python bench.py aug   [--patches 40]                  # CPU cost per sample of path (a) and of path (b)'s CPU part
+    python bench.py aug   [--patches 40]                  # CPU cost per sample of the augmentation's two halves
     python bench.py data  [--patches-per-level 1000]      # prepare_patches rate, decoded samples/s per worker
     python bench.py forward [--arch vit_small]            # 2 global + 8 local crops: one list call vs two calls
     python bench.py memory [--preset openmidnight]        # a step's device memory, predicted on a CPU
+    python bench.py slide [--passes 5]                    # eval_slide.py's patch reader vs eva's, + a ViT-S
 
-On an H100/H200: python bench.py step --preset openmidnight --batch-size 48 (random weights time the same as
---init's; `python bench.py memory` predicts its memory on any machine; add --recompute full if it does not fit).
+`python bench.py SUBCOMMAND --help` lists its flags (step and memory take every train.py flag too). On an
+H100/H200: python bench.py step --preset openmidnight --batch-size 48 (random weights time the same as --init's).
+On a CPU the step defaults to batch 4, and a step predicted not to fit in the machine's memory is refused.
 """
 import argparse
 import json
@@ -20,7 +22,15 @@ import tempfile
 import time
 
 import numpy as np
+import openslide
 import torch
+from torch.profiler import ProfilerActivity, profile
+
+import augment
+import data
+import prepare_patches
+import train
+from model import ARCHS, ViT, autocast, swiglu_hidden
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
@@ -55,27 +65,28 @@ def head_flops(dim, hidden, bottleneck, n_prototypes):
 
 def train_flops_per_image(args):
     """Student forward + backward (3x forward, 4x with --recompute full) on 2 global + n local crops with drop path,
-    the teacher forward on the 2 global crops, and the DINO/iBOT heads (10 CLS tokens, the masked patch tokens:
-    expected 2 crops x mask_prob x mean ratio x grid^2 per image)."""
-    from model import ARCHS, swiglu_hidden
+    the teacher forward on the 2 global crops, the DINO head on the CLS tokens (2 + n student, 2 teacher) and the
+    iBOT head on the masked patch tokens (expected 2 crops x mask_prob x mean ratio x grid^2 per image)."""
     a = ARCHS[args.arch]
     D, depth = a["embed_dim"], a["depth"]
     h = swiglu_hidden(D) if args.ffn == "swiglu" else 4 * D
-    ng, nl = (args.global_size // 14) ** 2, (args.local_size // 14) ** 2
+    ng, nl = (args.global_size // args.patch_size) ** 2, (args.local_size // args.patch_size) ** 2
     extra = 1 + args.registers
     B = args.batch_size
 
     def keep(b):  # fraction of samples whose residual branches run, DINOv2's int(b (1 - p)) rule
         return max(int(b * (1 - args.drop_path)), 1) / b if args.drop_path > 0 else 1.0
 
-    g_fwd = vit_forward_flops(ng + extra, D, depth, h, args.ffn, ng)
+    p = args.patch_size
+    g_fwd = vit_forward_flops(ng + extra, D, depth, h, args.ffn, ng, p)
     passes = 4 if args.recompute == "full" else 3  # backward = 2 forwards; full recompute reruns the forward
-    student = passes * (2 * vit_forward_flops(ng + extra, D, depth, h, args.ffn, ng, keep=keep(2 * B)) +
-                        args.n_local_crops * vit_forward_flops(nl + extra, D, depth, h, args.ffn, nl,
+    student = passes * (2 * vit_forward_flops(ng + extra, D, depth, h, args.ffn, ng, p, keep=keep(2 * B)) +
+                        args.n_local_crops * vit_forward_flops(nl + extra, D, depth, h, args.ffn, nl, p,
                                                                keep=keep(args.n_local_crops * B)))
-    hf = head_flops(D, args.head_hidden, args.head_bottleneck, args.n_prototypes)
+    dino = head_flops(D, args.head_hidden, args.dino_head_bottleneck, args.n_prototypes)
+    ibot = head_flops(D, args.head_hidden, args.ibot_head_bottleneck, args.n_prototypes)
     masked = 2 * args.mask_prob * sum(args.mask_ratio) / 2 * ng
-    heads = 3 * hf * (2 + args.n_local_crops + masked) + hf * (2 + masked)
+    heads = 3 * (dino * (2 + args.n_local_crops) + ibot * masked) + dino * 2 + ibot * masked
     return student + 2 * g_fwd + heads
 
 
@@ -86,9 +97,8 @@ def train_flops_per_image(args):
 def synthetic_batch(args, B, cfg):
     """A batch as the loader gives it (random pixels, real iBOT masks); uint8 crops plus colour parameters when
     the colour ops run on the device."""
-    import augment
     g = torch.Generator().manual_seed(0)
-    masks = augment.sample_masks(2 * B, args.global_size // 14, tuple(args.mask_ratio), args.mask_prob, g)
+    masks = augment.sample_masks(2 * B, args.global_size // args.patch_size, tuple(args.mask_ratio), args.mask_prob, g)
     batch = {"global_crops": torch.randn(2 * B, 3, args.global_size, args.global_size, generator=g),
              "local_crops": torch.randn(args.n_local_crops * B, 3, args.local_size, args.local_size, generator=g),
              **augment.mask_targets(masks)}
@@ -100,52 +110,94 @@ def synthetic_batch(args, B, cfg):
     return batch
 
 
+def train_args(argv, name, add_own, preset):
+    """bench.py's own flags (added by add_own) and train.py's, from one argv; --help lists both."""
+    own_parser = argparse.ArgumentParser(add_help=False)
+    add_own(own_parser)
+    if {"-h", "--help"} & set(argv):
+        argparse.ArgumentParser(prog=f"bench.py {name}", parents=[own_parser, train.get_args_parser(add_help=False)],
+                                description=globals()[f"bench_{name}"].__doc__).print_help()
+        sys.exit(0)
+    own, rest = own_parser.parse_known_args(argv)
+    return own, train.parse_args(rest if "--preset" in rest else ["--preset", preset, *rest])
+
+
+def step_bytes_estimate(args):
+    """A rough host-memory bound of an fp32 eager step without recompute, to refuse one that cannot fit: 20 bytes
+    per student parameter (weights, grads, 2 AdamW moments, teacher), ~24 saved fp32 values per token, channel and
+    block, and ~4 [rows, K] fp32 tensors per head row (student and teacher). Calibrated loosely on the ViT-S step."""
+    a = ARCHS[args.arch]
+    n_params = 12 * a["depth"] * a["embed_dim"] ** 2 + 2 * (args.head_hidden ** 2 + args.n_prototypes * 384)
+    ng, nl = (args.global_size // args.patch_size) ** 2, (args.local_size // args.patch_size) ** 2
+    tokens = 2 * ng + args.n_local_crops * nl
+    rows = 2 * (2 + args.n_local_crops) + 4 * args.mask_prob * sum(args.mask_ratio) / 2 * ng
+    per_image = 4 * (24 * tokens * a["depth"] * a["embed_dim"] + 4 * rows * args.n_prototypes)
+    return 20 * n_params + args.batch_size * per_image
+
+
+def available_bytes():
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+
+
 def bench_step(argv):
-    import augment
-    import train
-    p = argparse.ArgumentParser()
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU on devices not in PEAK_TFLOPS")
-    own, rest = p.parse_known_args(argv)
-    if own.threads:
-        torch.set_num_threads(own.threads)
-    args = train.parse_args(rest if "--preset" in rest else ["--preset", "vits", *rest], need_paths=False)
+    """A training step on a synthetic batch, timed from the outside: the batch's move to the device (and colour
+    ops with --gpu-augment), the forward pass (teacher, student, losses: train.compute_losses), the whole
+    train.train_step; backward + optimizer + EMA is the difference. Reports images/s, MFU and peak memory."""
+
+    def own(p):
+        p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
+        p.add_argument("--iters", type=int, default=5, help="timed steps (the median is reported)")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p.add_argument("--peak-tflops", type=float, default=None, help="for MFU on devices not in PEAK_TFLOPS")
+    o, args = train_args(argv, "step", own, "vits")
+    if o.threads:
+        torch.set_num_threads(o.threads)
     device = torch.device(args.device)
-    state = train.build_state(args, device)
+    if device.type == "cpu":
+        if "--batch-size" not in argv:
+            args.batch_size = 4  # the presets' batches are for GPUs
+        need, have = step_bytes_estimate(args), available_bytes()
+        if need > 0.8 * have:
+            sys.exit(f"a step at batch {args.batch_size} needs roughly {need / 2**30:.1f} GiB, and this machine has "
+                     f"{have / 2**30:.1f} GiB available: lower --batch-size or --n-prototypes")
+    st = train.build_state(args, device)
     B, cfg = args.batch_size, augment.AugmentConfig()
     batch = synthetic_batch(args, B, cfg)
-    times = {}
-    last = [0.0]
-
-    def mark(phase):
-        sync(device)
-        now = time.perf_counter()
-        times.setdefault(phase, []).append(now - last[0])
-        last[0] = now
-
+    times = {"data_to_device_and_colour": [], "forward": [], "step": []}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for it in range(own.warmup + own.iters):
-        if it == own.warmup:
-            times.clear()
+    for it in range(o.warmup + o.iters):
         sync(device)
-        last[0] = t0 = time.perf_counter()
+        t0 = time.perf_counter()
         b = train.prepare_batch(batch, args, device, cfg)
-        mark("data_to_device_and_colour")
-        train.train_step(state, b, 1000, args, mark)
-        times.setdefault("step", []).append(time.perf_counter() - t0)
-    step = float(np.median(times["step"]))
+        sync(device)
+        t1 = time.perf_counter()
+        with autocast(args.device, args.dtype):
+            out = train.compute_losses(st.student_ddp, st.teacher, b, train.schedules(1000, args, 1), args,
+                                       st.centers)
+        sync(device)
+        t2 = time.perf_counter()
+        del out
+        st.step = 1000  # the schedules' values do not change the cost
+        train.train_step(st, b, args)
+        sync(device)
+        if it >= o.warmup:
+            for k, v in (("data_to_device_and_colour", t1 - t0), ("forward", t2 - t1),
+                         ("step", time.perf_counter() - t2)):
+                times[k].append(v)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    step = med["step"]
     flops = train_flops_per_image(args)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = own.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = o.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     achieved = flops * B / step / 1e12
     result = {"device": name, "arch": args.arch, "ffn": args.ffn, "batch_per_device": B, "prototypes":
               args.n_prototypes, "compile": args.compile, "recompute": args.recompute, "dtype": args.dtype,
-              "s_per_step": round(step, 4),
-              "images_per_s": round(B / step, 2), "phases_s": {k: round(float(np.median(v)), 4) for k, v in
-                                                                times.items() if k != "step"},
+              "s_per_step": round(step, 4), "images_per_s": round(B / step, 2),
+              "phases_s": {"data_to_device_and_colour": round(med["data_to_device_and_colour"], 4),
+                           "forward": round(med["forward"], 4),
+                           "backward_optimizer_ema": round(step - med["forward"], 4)},
               "tflop_per_image": round(flops / 1e12, 4), "achieved_tflops": round(achieved, 2),
               "mfu": round(achieved / peak, 4) if peak else None,
               "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device.type == "cuda" else None,
@@ -162,20 +214,15 @@ def bench_memory(argv):
     selective recompute the GPU default uses, and extrapolated linearly. The CUDA context, NCCL buffers,
     allocator fragmentation and the backward pass's first gradient buffers (~2 x masked tokens x K x 4 bytes,
     ~3.5 GB in the recipe) come on top."""
-    import augment
-    import train
-    from torch.profiler import ProfilerActivity, profile
-    p = argparse.ArgumentParser()
-    p.add_argument("--measure-batches", type=int, nargs=2, default=(5, 10),
-                   help="multiples of 5 keep drop path 0.4's kept fraction (0.6) exact")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--world-size", type=int, default=8, help="GPUs that share AdamW's moments with --zero 1")
-    own, rest = p.parse_known_args(argv)
-    if own.threads:
-        torch.set_num_threads(own.threads)
-    rest = rest if "--preset" in rest else ["--preset", "openmidnight", *rest]
-    rest = rest if "--recompute" in rest else ["--recompute", "selective", *rest]
-    args = train.parse_args(rest + ["--device", "cpu", "--dtype", "bfloat16", "--compile", "0"], need_paths=False)
+
+    def own_flags(p):
+        p.add_argument("--measure-batches", type=int, nargs=2, default=(5, 10),
+                       help="multiples of 5 keep drop path 0.4's kept fraction (0.6) exact")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p.add_argument("--world-size", type=int, default=8, help="GPUs that share AdamW's moments with --zero 1")
+    argv = argv if "--recompute" in argv else ["--recompute", "selective", *argv]
+    own, args = train_args(argv + ["--device", "cpu", "--dtype", "bfloat16", "--compile", "0"], "memory", own_flags,
+                           "openmidnight")
     student, teacher = train.build_models(args)
     student.train()
     n_student = sum(p.numel() for p in student.parameters())
@@ -207,8 +254,6 @@ def bench_memory(argv):
 
 def sample_patches(n, seed=0):
     """The anchors' benchmark input: 224 px level-0 tiles of the sample slide with >= 60% tissue."""
-    import openslide
-    import prepare_patches
     slide = openslide.OpenSlide(prepare_patches.SAMPLE_SLIDE)
     W, H = slide.dimensions
     tiles = []
@@ -221,10 +266,11 @@ def sample_patches(n, seed=0):
 
 
 def bench_aug(argv):
-    import augment
-    p = argparse.ArgumentParser()
-    p.add_argument("--patches", type=int, default=41)
-    p.add_argument("--passes", type=int, default=5)
+    """CPU time per training sample of the augmentation in a loader worker: the whole pipeline (augment.multicrop,
+    CPU training) and its first half alone (augment.multicrop_uint8, when the colour ops run on the device)."""
+    p = argparse.ArgumentParser(prog="bench.py aug", description=bench_aug.__doc__)
+    p.add_argument("--patches", type=int, default=41, help="224 px tissue tiles of the bundled slide")
+    p.add_argument("--passes", type=int, default=5, help="timed passes over them (the median is reported)")
     p.add_argument("--threads", type=int, default=1, help="loader workers run 1 thread each")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -249,9 +295,10 @@ def bench_aug(argv):
 
 
 def bench_data(argv):
-    import data
-    p = argparse.ArgumentParser()
-    p.add_argument("--patches-per-level", type=int, default=1000)
+    """prepare_patches.py on the bundled slide (a whole process, start-up included), then the loader's decode and
+    crop rates per worker."""
+    p = argparse.ArgumentParser(prog="bench.py data", description=bench_data.__doc__)
+    p.add_argument("--patches-per-level", type=int, default=1000, help="patches prepare_patches.py writes")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         # a whole process, start-up included, as the anchors' figure (~250 accepted positions/s per core)
@@ -283,21 +330,20 @@ def bench_data(argv):
 
 
 def bench_forward(argv):
-    from model import ViT
-    p = argparse.ArgumentParser()
-    p.add_argument("--arch", default="vit_small")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    """A backbone's forward pass on 2 global + 8 local crops per image: one list call against two calls."""
+    p = argparse.ArgumentParser(prog="bench.py forward", description=bench_forward.__doc__)
+    p.add_argument("--arch", default="vit_small", help="DINOv2 size")
+    p.add_argument("--batch-size", type=int, default=8, help="images (x 2 global + 8 local crops)")
+    p.add_argument("--iters", type=int, default=5, help="timed calls (the median is reported)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     a = p.parse_args(argv)
     m = ViT(a.arch, img_size=224, ffn="swiglu" if a.arch == "vit_giant2" else "mlp").to(a.device).eval()
     g = torch.randn(2 * a.batch_size, 3, 224, 224, device=a.device)
     loc = torch.randn(8 * a.batch_size, 3, 98, 98, device=a.device)
     out = {}
-    autocast = torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.device == "cuda")
     for name, fn in (("list_call_s", lambda: m.forward_features([g, loc])),
                      ("two_calls_s", lambda: (m.forward_features(g), m.forward_features(loc)))):
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast(a.device, "bfloat16" if a.device == "cuda" else "float32"):
             fn()
             ts = []
             for _ in range(a.iters):
@@ -311,10 +357,92 @@ def bench_forward(argv):
     return out
 
 
+def bench_slide(argv):
+    """eval_slide.py's patch reader on the sample slide, in patches/s. Per core (this process's CPU time), given
+    the slide's plan (eva's sampler, the same for both and once per slide, timed apart): our reader (OpenSlide's
+    pixels straight into numpy, one read_region per run of adjacent patches) and eva's path (openslide-python's
+    read_region and np.array per patch, the same resize and normalisation, the collate). On the wall clock, from
+    the first batch on: a ViT-S embedding the patches on the CPU with the reader in one worker process, and the
+    ViT-S alone on the same batches."""
+    import augment
+    import eval_probe
+    import eval_slide
+    import openslide
+    import prepare_patches
+    from model import ViT
+    p = argparse.ArgumentParser()
+    p.add_argument("--mpp", type=float, default=0.513,
+                   help="0.513 on the 0.499-mpp sample reads 230 px resized to 224, as Camelyon16 at 0.25 mpp")
+    p.add_argument("--max-patches", type=int, default=1000)
+    p.add_argument("--passes", type=int, default=20, help="reader passes over the slide's patches")
+    p.add_argument("--model-passes", type=int, default=4, help="slide passes of the ViT-S runs")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="torch threads of the ViT-S (the reader worker uses one more core)")
+    a = p.parse_args(argv)
+    path, norm = prepare_patches.SAMPLE_SLIDE, eval_probe.NORMS["imagenet"]
+    torch.set_num_threads(1)
+    slide = openslide.OpenSlide(path)
+    t0 = time.process_time()
+    plan = eval_slide.plan_slide(slide, a.mpp, 224, a.max_patches)
+    out = {"patches_per_pass": len(plan["coords"]), "read_size": plan["read_size"],
+           "plan_cpu_s_per_slide": round(time.process_time() - t0, 3),
+           "read_region_calls_per_pass": {"ours": len(eval_slide.reads(plan)), "eva": len(plan["coords"])}}
+
+    def ours():
+        for _ in eval_slide.read_patches(slide, plan, a.batch_size, 224, norm):
+            pass
+
+    def eva():  # eva's WsiDataset item: read_region, np.array, alpha -> white, to_image, ResizeAndCrop; collate
+        batch, s = [], plan["read_size"]
+        for x, y in plan["coords"]:
+            rgba = np.array(slide.read_region((int(x), int(y)), plan["level"], (s, s)))
+            rgba[rgba[..., 3] == 0] = 255
+            t = eval_slide.resize_like_eva(torch.from_numpy(rgba[..., :3]).permute(2, 0, 1).contiguous()[None], 224)
+            batch.append(augment.normalize(t[0].float().mul_(1.0 / 255), *norm))
+            if len(batch) == a.batch_size:
+                torch.stack(batch)
+                batch = []
+
+    for name, fn in (("ours", ours), ("eva", eva)):
+        fn()  # warm-up
+        t0 = time.process_time()
+        for _ in range(a.passes):
+            fn()
+        out[f"reader_{name}_patches_per_s_per_core"] = round(a.passes * len(plan["coords"]) /
+                                                             (time.process_time() - t0), 1)
+    out["reader_speedup"] = round(out["reader_ours_patches_per_s_per_core"] /
+                                  out["reader_eva_patches_per_s_per_core"], 2)
+    torch.set_num_threads(a.threads)
+    vit = ViT("vit_small", img_size=224, num_register_tokens=0).eval()
+    eval_probe.embed(vit, torch.randn(2, 3, 224, 224))
+    reader = eval_slide.SlideReader([(k, path) for k in range(a.model_passes)], a.mpp, 224, a.max_patches,
+                                    a.batch_size, norm)
+    sizes, t0 = [], None
+    for it in torch.utils.data.DataLoader(reader, batch_size=None, num_workers=1, prefetch_factor=4):
+        if "x" in it:
+            eval_probe.embed(vit, it["x"])
+            t0 = t0 or time.perf_counter()  # from the end of the first batch: the worker's start-up not counted
+            sizes.append(len(it["x"]))
+    both = time.perf_counter() - t0
+    x = torch.randn(a.batch_size, 3, 224, 224)
+    t0 = time.perf_counter()
+    for k in sizes[1:]:
+        eval_probe.embed(vit, x[:k])
+    alone = time.perf_counter() - t0
+    out.update({"threads": a.threads, "reader_plus_vits_patches_per_s": round(sum(sizes[1:]) / both, 1),
+                "vits_alone_patches_per_s": round(sum(sizes[1:]) / alone, 1),
+                "reader_overhead": round(both / alone - 1, 3)})
+    print(json.dumps(out))
+    return out
+
+
 if __name__ == "__main__":
-    which = sys.argv[1] if len(sys.argv) > 1 else "step"
     benches = {"step": bench_step, "aug": bench_aug, "data": bench_data, "forward": bench_forward,
-               "memory": bench_memory}
-    if which not in benches:
-        sys.exit(f"usage: python bench.py {{{','.join(benches)}}} [flags]")
-    benches[which](sys.argv[2:])
+               "memory": bench_memory, "slide": bench_slide}
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__.strip())
+        sys.exit(0)
+    if sys.argv[1] not in benches:
+        sys.exit(f"unknown benchmark {sys.argv[1]!r}; choose one of {', '.join(benches)} (python bench.py --help)")
+    benches[sys.argv[1]](sys.argv[2:])

@@ -7,16 +7,21 @@ regulariser and HED colour jitter, continued from Meta's DINOv2 weights, on a pa
     torchrun --standalone --nproc_per_node=8 train.py --preset openmidnight \\
         --init dinov2_vitg14_reg4_pretrain.pth --data STORE --out runs/om
 
-Re-running the same command with the same --out resumes from its checkpoint. Hyper-parameters: recipe.md §8.
+Re-running the same command with the same --out resumes from its newest readable checkpoint. Every number of the
+recipe, with its source: RECIPE.md (hyper-parameters §8, losses §4, augmentation §6).
 """
 import argparse
+import fcntl
+import glob
 import json
 import math
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
-from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -26,8 +31,10 @@ from tqdm import tqdm
 
 import augment
 import data
+import eval_probe
 import loss as L
-from model import ARCHS, DINOHead, ViT, backbone_state_dict, load_into
+from model import ARCHS, DINOHead, ViT, autocast, load_into, read_checkpoint
+from prepare_patches import atomic_write, bounded
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if not {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(os.environ):  # read at the first CUDA allocation
@@ -39,11 +46,12 @@ PRESETS = {
     # a small, real run on CPU: ViT-S on 112/56 px crops of the bundled slide, small heads, a few minutes
     "demo": dict(arch="vit_small", ffn="mlp", batch_size=8, steps=60, base_lr=1e-3, warmup_steps=10,
                  freeze_last_layer_steps=0, teacher_temp_warmup_steps=20, n_prototypes=4096, head_hidden=512,
-                 head_bottleneck=128, global_size=112, local_size=56, n_local_crops=4, drop_path=0.1,
-                 momentum_teacher=0.99, log_every=5, checkpoint_every=20, export_every=60, workers=1),
+                 dino_head_bottleneck=128, ibot_head_bottleneck=128, global_size=112, local_size=56,
+                 n_local_crops=4, drop_path=0.1, momentum_teacher=0.99, log_every=5, checkpoint_every=20,
+                 keep_checkpoints=0, export_every=60, workers=1),
     # single-GPU ablation: ViT-S/14 reg4 with the plain MLP FFN of Meta's ViT-S hub weights
     "vits": dict(arch="vit_small", ffn="mlp", batch_size=64, steps=100_000, drop_path=0.1, n_prototypes=65536),
-    # the run behind OpenMidnight's released checkpoint (recipe.md §0, §8), its known bugs fixed
+    # the run behind OpenMidnight's released checkpoint (RECIPE.md §0, §8), its known bugs fixed
     "openmidnight": dict(arch="vit_giant2", ffn="swiglu", batch_size=48, steps=250_000, schedule_steps=10_000_000,
                          base_lr=2e-4, export_every=12_500),
     # OpenMidnight's current config file: base lr 3e-4, a full cosine over 137.5k steps
@@ -52,90 +60,102 @@ PRESETS = {
 }
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                add_help=add_help)
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="a set of defaults (flags still win)")
     g = p.add_argument_group("I/O")
-    g.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
-    g.add_argument("--data", default=None, help="patch store from prepare_patches.py (demo: prepared if missing)")
-    g.add_argument("--init", default=None, help="local DINOv2 checkpoint to start from, e.g. "
-                   "dinov2_vitg14_reg4_pretrain.pth (any layout model.load_backbone reads); none = random init")
-    g.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
-    g.add_argument("--log-every", type=int, default=20, help="steps between metrics.jsonl lines")
-    g.add_argument("--checkpoint-every", type=int, default=1000,
+    g.add_argument("--out", default=None, help="run directory (default runs/<preset>); one training job at a time")
+    g.add_argument("--data", default=None, help="finished patch store from prepare_patches.py (the demo, given "
+                   "none, prepares one from the bundled slide)")
+    g.add_argument("--init", default=None, help="local checkpoint to start from, e.g. dinov2_vitg14_reg4_pretrain.pth "
+                   "(any layout model.load_backbone reads); none = random init")
+    g.add_argument("--no-resume", action="store_true", help="start over even if --out holds checkpoints")
+    g.add_argument("--log-every", type=bounded(int, 1), default=20, help="steps between metrics.jsonl lines")
+    g.add_argument("--checkpoint-every", type=bounded(int, 1), default=1000,
                    help="steps between resumable checkpoints (ViT-g: ~20 GB each; SIGTERM also writes one)")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="numbered checkpoints kept besides the latest")
-    g.add_argument("--export-every", type=int, default=5000, help="steps between teacher-backbone exports")
+    g.add_argument("--keep-checkpoints", type=bounded(int, 0), default=2,
+                   help="numbered checkpoints kept besides the latest (0-10)")
+    g.add_argument("--export-every", type=bounded(int, 1), default=5000, help="steps between teacher exports")
     g.add_argument("--probe-data", default=None, help="a small labelled image folder: kNN probe of the teacher")
-    g.add_argument("--probe-every", type=int, default=0, help="steps between in-training probes (0 = off)")
+    g.add_argument("--probe-every", type=bounded(int, 0), default=0, help="steps between probes (0 = off)")
+    g.add_argument("--probe-size", type=bounded(int, 14), default=224,
+                   help="image size of the probe (224 = eval_probe's, whatever the training crop size)")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="vit_small", choices=["vit_small", "vit_base", "vit_large", "vit_giant2"])
-    g.add_argument("--ffn", default="mlp", choices=["mlp", "swiglu"], help="must match --init's weights")
-    g.add_argument("--registers", type=int, default=4, help="register tokens (0 or 4); must match --init")
-    g.add_argument("--patch-size", type=int, default=14)
-    g.add_argument("--drop-path", type=float, default=0.4,
-                   help="student stochastic depth, uniform over blocks (recipe: 0.4 for ViT-g, 0.1 for ViT-S); "
-                   "above 0.1 the branches run on the kept samples only, which saves compute")
-    g.add_argument("--layerscale", type=float, default=1e-5)
-    g.add_argument("--random-pos-embed", action="store_true",
-                   help="OpenMidnight@blog quirk: do not load the pretrained pos-embed (random 16x16 init)")
-    g.add_argument("--interpolate-antialias", type=int, default=1, choices=[0, 1],
-                   help="pos-embed resizing for local crops (hub reg4: 1; OpenMidnight@blog ran 0 with offset 0.1)")
-    g.add_argument("--interpolate-offset", type=float, default=0.0)
-    g.add_argument("--n-prototypes", type=int, default=131072,
-                   help="K of the DINO and iBOT heads (DINOv2 65536, OpenMidnight 131072; teacher_entropy near "
-                   "log K with a flat loss means the targets carry no signal)")
-    g.add_argument("--head-hidden", type=int, default=2048)
-    g.add_argument("--head-bottleneck", type=int, default=384)
+    g.add_argument("--arch", default="vit_small", choices=sorted(ARCHS),
+                   help="DINOv2's sizes (with --init, the checkpoint's size, whatever it is, unless set)")
+    g.add_argument("--ffn", default="mlp", choices=["mlp", "swiglu"], help="FFN kind (taken from --init unless set)")
+    g.add_argument("--registers", type=bounded(int, 0), default=4,
+                   help="register tokens (taken from --init unless set)")
+    g.add_argument("--patch-size", type=bounded(int, 1), default=14,
+                   help="patch side in pixels; crop sizes must be multiples of it (taken from --init unless set)")
+    g.add_argument("--drop-path", type=bounded(float, 0.0, 0.9), default=0.4,
+                   help="student stochastic depth, uniform over blocks, as batch subsets (recipe: 0.4 ViT-g, "
+                   "0.1 ViT-S); each residual branch runs on int(B (1 - p)) samples, which also saves compute")
+    g.add_argument("--layerscale", type=bounded(float, 0.0), default=1e-5, help="LayerScale init (random init only)")
+    g.add_argument("--n-prototypes", type=bounded(int, 2), default=131072,
+                   help="K of the DINO and iBOT heads (DINOv2 65536, OpenMidnight 131072)")
+    g.add_argument("--head-hidden", type=bounded(int, 1), default=2048, help="hidden width of both heads' MLPs")
+    g.add_argument("--dino-head-bottleneck", type=bounded(int, 1), default=384,
+                   help="DINO head bottleneck (OpenMidnight: dino.head_bottleneck_dim 384)")
+    g.add_argument("--ibot-head-bottleneck", type=bounded(int, 1), default=256,
+                   help="iBOT head bottleneck (OpenMidnight keeps DINOv2's ibot.head_bottleneck_dim 256)")
     g.add_argument("--recompute", default=None, choices=["none", "selective", "full"],
                    help="activation memory for compute (default: selective with --compile, else none); 'full' "
                    "reruns each block in the backward pass (~1/3 more student compute) if CUDA runs out of memory")
     g = p.add_argument_group("losses")
-    g.add_argument("--centering", default="sinkhorn_knopp", choices=["sinkhorn_knopp", "centering"])
-    g.add_argument("--student-temp", type=float, default=0.1)
-    g.add_argument("--teacher-temp", type=float, default=0.07,
+    g.add_argument("--centering", default="sinkhorn_knopp", choices=["sinkhorn_knopp", "centering"],
+                   help="teacher targets: Sinkhorn-Knopp (recipe) or DINO's softmax with an EMA centre")
+    g.add_argument("--student-temp", type=bounded(float, 1e-3, 1.0), default=0.1, help="0.1 in DINOv2")
+    g.add_argument("--teacher-temp", type=bounded(float, 1e-3, 1.0), default=0.07,
                    help="final teacher temperature; above ~0.07 targets get flat and training can collapse")
-    g.add_argument("--warmup-teacher-temp", type=float, default=0.04)
-    g.add_argument("--teacher-temp-warmup-steps", type=int, default=37_500)
-    g.add_argument("--ibot-weight", type=float, default=1.0)
-    g.add_argument("--mask-ratio", type=float, nargs=2, default=(0.1, 0.45),
+    g.add_argument("--warmup-teacher-temp", type=bounded(float, 1e-3, 1.0), default=0.04,
+                   help="teacher temperature at step 0, linear to --teacher-temp")
+    g.add_argument("--teacher-temp-warmup-steps", type=bounded(int, 0), default=37_500,
+                   help="steps of the teacher-temperature warmup (not stretched with the schedules)")
+    g.add_argument("--ibot-weight", type=bounded(float, 0.0), default=1.0, help="iBOT loss weight (0 = off)")
+    g.add_argument("--mask-ratio", type=bounded(float, 0.0, 1.0), nargs=2, default=(0.1, 0.45),
                    help="iBOT masked fraction range of a masked crop (DINOv2 0.1-0.5)")
-    g.add_argument("--mask-prob", type=float, default=0.5, help="fraction of global crops that get iBOT masks")
-    g.add_argument("--kde-weight", type=float, default=0.05, help="per global crop; 0 = off")
-    g.add_argument("--kde-kappa", type=float, default=5.0,
+    g.add_argument("--mask-prob", type=bounded(float, 0.0, 1.0), default=0.5,
+                   help="fraction of global crops that get iBOT masks")
+    g.add_argument("--kde-weight", type=bounded(float, 0.0), default=0.05, help="per global crop; 0 = off")
+    g.add_argument("--kde-kappa", type=bounded(float, 0.0), default=5.0,
                    help="vMF kernel concentration (OpenMidnight's constant; not stated in the Midnight paper)")
-    g.add_argument("--kde-variant", default="spread", choices=["spread", "openmidnight"],
-                   help="'openmidnight' reproduces the released run's sign, which pulls CLS tokens together")
-    g.add_argument("--koleo-weight", type=float, default=0.0, help="DINOv2's KoLeo; 0.1 in stock DINOv2")
+    g.add_argument("--koleo-weight", type=bounded(float, 0.0), default=0.0, help="DINOv2's KoLeo; 0.1 in DINOv2")
     g = p.add_argument_group("optimisation (schedules in steps)")
-    g.add_argument("--steps", type=int, default=250_000, help="length of this run (its early-stop step)")
-    g.add_argument("--schedule-steps", type=int, default=None,
+    g.add_argument("--steps", type=bounded(int, 1), default=250_000, help="length of this run (its early-stop step)")
+    g.add_argument("--schedule-steps", type=bounded(int, 1), default=None,
                    help="length of the cosine schedules (default --steps; OpenMidnight@blog stretched them to 10M)")
-    g.add_argument("--batch-size", type=int, default=48,
+    g.add_argument("--batch-size", type=bounded(int, 1), default=48,
                    help="per process; ViT-g at 48 fits 80 GB with the default selective recompute")
-    g.add_argument("--base-lr", type=float, default=2e-4,
+    g.add_argument("--base-lr", type=bounded(float, 0.0), default=2e-4,
                    help="scaled by sqrt(global batch / 1024); 3.5e-4 collapsed ViT-g for OpenMidnight")
-    g.add_argument("--min-lr", type=float, default=1e-6)
-    g.add_argument("--warmup-steps", type=int, default=12_500,
+    g.add_argument("--min-lr", type=bounded(float, 0.0), default=1e-6, help="end of the lr cosine")
+    g.add_argument("--warmup-steps", type=bounded(int, 0), default=12_500,
                    help="linear lr warmup; much shorter than ~5%% of the run risks early collapse")
-    g.add_argument("--weight-decay", type=float, default=0.04, help="start of the cosine to --weight-decay-end")
-    g.add_argument("--weight-decay-end", type=float, default=0.2)
-    g.add_argument("--momentum-teacher", type=float, default=0.994,
+    g.add_argument("--weight-decay", type=bounded(float, 0.0), default=0.04, help="start of the cosine to the end")
+    g.add_argument("--weight-decay-end", type=bounded(float, 0.0), default=0.2, help="end of the weight-decay cosine")
+    g.add_argument("--momentum-teacher", type=bounded(float, 0.0, 1.0), default=0.994,
                    help="teacher EMA start, cosine to 1; 0.99-0.999 (lower for small batches, per DINO)")
-    g.add_argument("--layerwise-decay", type=float, default=1.0, help="lr x decay^(depth - block); 1 = off (recipe), "
-                   "0.9 = DINOv2's default")
-    g.add_argument("--patch-embed-lr-mult", type=float, default=0.2, help="the patch embedding learns 5x slower")
-    g.add_argument("--freeze-last-layer-steps", type=int, default=1250, help="prototype layers' lr held at 0")
-    g.add_argument("--clip-grad", type=float, default=3.0,
+    g.add_argument("--layerwise-decay", type=bounded(float, 0.0, 1.0), default=1.0,
+                   help="lr x decay^(depth - block); 1 = off (recipe), 0.9 = DINOv2's default")
+    g.add_argument("--patch-embed-lr-mult", type=bounded(float, 0.0), default=0.2,
+                   help="the patch embedding learns 5x slower")
+    g.add_argument("--freeze-last-layer-steps", type=bounded(int, 0), default=1250,
+                   help="prototype layers' lr held at 0")
+    g.add_argument("--clip-grad", type=bounded(float, 0.0), default=3.0,
                    help="gradient-norm clip per part (backbone, each head); grad_norm_* often above it = lr too high")
-    g.add_argument("--max-bad-steps", type=int, default=10, help="abort after this many non-finite steps in a row")
-    g = p.add_argument_group("augmentation (recipe.md §6)")
-    g.add_argument("--global-size", type=int, default=224)
-    g.add_argument("--local-size", type=int, default=98)
-    g.add_argument("--n-local-crops", type=int, default=8)
-    g.add_argument("--hed-prob", type=float, default=0.5)
-    g.add_argument("--hed-range", type=float, default=0.05,
+    g.add_argument("--max-bad-steps", type=bounded(int, 1), default=10, help="abort after this many non-finite steps "
+                   "in a row")
+    g = p.add_argument_group("augmentation (RECIPE.md §6)")
+    g.add_argument("--global-size", type=bounded(int, 1), default=224, help="global crop side (a patch-size multiple)")
+    g.add_argument("--local-size", type=bounded(int, 1), default=98, help="local crop side (a patch-size multiple)")
+    g.add_argument("--n-local-crops", type=bounded(int, 1), default=8, help="local crops per sample")
+    g.add_argument("--hed-prob", type=bounded(float, 0.0, 1.0), default=0.5, help="HED jitter probability per crop")
+    g.add_argument("--hed-range", type=bounded(float, 0.0, 1.0), default=0.05,
                    help="HED offset range per stain; 0.05 is already strong (~0.7 optical density)")
+    g.add_argument("--norm", default="imagenet", choices=sorted(augment.NORMS),
+                   help="input normalisation; the one --init's model was trained with (H-optimus-0: hoptimus)")
     g.add_argument("--gpu-augment", type=int, default=None, choices=[0, 1],
                    help="colour ops batched on the device (default: on for cuda)")
     g = p.add_argument_group("system")
@@ -146,15 +166,23 @@ def get_args_parser():
     g.add_argument("--zero", type=int, default=0, choices=[0, 1],
                    help="ZeRO-1 under torchrun: each rank keeps the AdamW moments of 1/world of the parameters "
                    "(ViT-g on 8 GPUs: 8.2 GiB less per GPU, one parameter broadcast more per step)")
-    g.add_argument("--workers", type=int, default=8,
+    g.add_argument("--workers", type=bounded(int, 0), default=8,
                    help="loader workers per process; raise it if data_time_frac in the log stays above ~0.05")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=bounded(int, 0), default=0, help="seeds the init, the data order and the crops")
+    g = p.add_argument_group("reproduce the released run's quirks (RECIPE.md §11); the defaults fix them")
+    g.add_argument("--random-pos-embed", action="store_true",
+                   help="do not load the pretrained pos-embed (OpenMidnight@blog: a random 16x16 init)")
+    g.add_argument("--interpolate-antialias", type=int, default=1, choices=[0, 1],
+                   help="pos-embed resizing for local crops (hub reg4: 1; OpenMidnight@blog ran 0 with offset 0.1)")
+    g.add_argument("--interpolate-offset", type=bounded(float, 0.0, 1.0), default=0.0,
+                   help="DINO's historic +0.1 in the local-crop pos-embed scale factor (0 = hub reg4)")
+    g.add_argument("--kde-variant", default="spread", choices=["spread", "openmidnight"],
+                   help="'openmidnight' reproduces the released run's sign, which pulls CLS tokens together")
     return p
 
 
-def parse_args(argv=None, need_paths=True):
-    """Presets, then flags, then the derived defaults; bad paths and contradictory flags fail here, at start-up.
-    need_paths=False (bench.py) allows running without --data and --init (random weights)."""
+def parse_args(argv=None):
+    """Presets, then flags, then the derived defaults; contradictory flags fail here (paths: check_paths)."""
     parser = get_args_parser()
     pre, _ = parser.parse_known_args(argv)
     parser.set_defaults(**PRESETS[pre.preset])
@@ -166,45 +194,57 @@ def parse_args(argv=None, need_paths=True):
     args.compile = args.device == "cuda" if args.compile is None else bool(args.compile)
     args.recompute = args.recompute or ("selective" if args.compile else "none")
     args.gpu_augment = args.device == "cuda" if args.gpu_augment is None else bool(args.gpu_augment)
-    if args.data is None:
-        if args.preset != "demo" and need_paths:
-            parser.error("--data STORE is required (make one with prepare_patches.py)")
-        args.data = os.path.join(HERE, "data", "sample_store")
-    if args.preset.startswith("openmidnight") and not args.init and need_paths:
-        parser.error("the openmidnight presets start from DINOv2 weights: give --init dinov2_vitg14_reg4_pretrain.pth")
-    if args.init and not os.path.exists(args.init):
-        parser.error(f"--init {args.init!r} does not exist (weights are never downloaded: give a local path)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no GPU")
-    if args.probe_every and not args.probe_data:
+    if args.probe_every and not (args.probe_data or args.preset == "demo"):
         parser.error("--probe-every needs --probe-data")
     if (args.kde_weight or args.koleo_weight) and args.batch_size < 2:
         parser.error("KDE / KoLeo compare the samples of a batch: use --batch-size >= 2 or set their weight to 0")
+    if args.mask_ratio[0] > args.mask_ratio[1]:
+        parser.error(f"--mask-ratio {args.mask_ratio[0]} {args.mask_ratio[1]}: give the smaller ratio first")
+    for flag, size in (("--global-size", args.global_size), ("--local-size", args.local_size)):
+        if size % args.patch_size:
+            parser.error(f"{flag} {size} is not a multiple of --patch-size {args.patch_size}")
     return args
+
+
+def check_paths(args):
+    """The inputs a run needs, checked before anything is built."""
+    if args.data is None and args.preset != "demo":
+        raise SystemExit("--data STORE is required (make one with prepare_patches.py)")
+    if args.preset.startswith("openmidnight") and not args.init:
+        raise SystemExit("the openmidnight presets start from DINOv2 weights: give --init "
+                         "dinov2_vitg14_reg4_pretrain.pth")
+    if args.init and not os.path.exists(args.init):
+        raise SystemExit(f"--init {args.init!r} does not exist (weights are never downloaded: give a local path)")
+    if args.init and os.path.isfile(args.init):
+        with open(args.init, "rb") as f:
+            head = f.read(9)
+        # torch.save's zip, a legacy pickle, or safetensors (an 8-byte header length, then its JSON)
+        if not (head.startswith(b"PK") or head[:1] == b"\x80" or head[8:9] == b"{"):
+            raise SystemExit(f"--init {args.init!r} is not a checkpoint (neither a torch.save file nor safetensors; "
+                             f"it starts with {head!r}): give a .pth/.pt/.bin/.safetensors file or a model folder")
 
 
 # -----------------------------------------------------------------------------
 # schedules (DINOv2's CosineScheduler, in steps)
 
 
-def cosine_schedule(step, base, final, total, warmup=0, start=0.0, freeze=0):
-    """0 for `freeze` steps, linear warmup start -> base over `warmup` steps (np.linspace's endpoints), then a
-    half cosine base -> final ending at `total`; final afterwards."""
-    if step < freeze:
-        return 0.0
-    step -= freeze
+def cosine_schedule(step, base, final, total, warmup=0):
+    """Linear warmup 0 -> base over `warmup` steps (np.linspace's endpoints), then a half cosine base -> final
+    ending at `total`; final afterwards."""
     if step < warmup:
-        return start + (base - start) * step / max(warmup - 1, 1)
-    t, T = step - warmup, total - warmup - freeze
+        return base * step / max(warmup - 1, 1)
+    t, T = step - warmup, total - warmup
     return final if t >= T else final + 0.5 * (base - final) * (1 + math.cos(math.pi * t / T))
 
 
 def schedules(step, args, world_size):
     lr = args.base_lr * math.sqrt(args.batch_size * world_size / 1024)  # DINOv2's sqrt_wrt_1024 rule
+    lr_now = cosine_schedule(step, lr, args.min_lr, args.schedule_steps, args.warmup_steps)
     return {
-        "lr": cosine_schedule(step, lr, args.min_lr, args.schedule_steps, args.warmup_steps),
-        "last_layer_lr": cosine_schedule(step, lr, args.min_lr, args.schedule_steps, args.warmup_steps)
-        if step >= args.freeze_last_layer_steps else 0.0,
+        "lr": lr_now,
+        "last_layer_lr": lr_now if step >= args.freeze_last_layer_steps else 0.0,  # prototypes frozen at first
         "wd": cosine_schedule(step, args.weight_decay, args.weight_decay_end, args.schedule_steps),
         "momentum": cosine_schedule(step, args.momentum_teacher, 1.0, args.schedule_steps),
         "teacher_temp": (args.warmup_teacher_temp + (args.teacher_temp - args.warmup_teacher_temp) *
@@ -236,24 +276,52 @@ class MetaArch(nn.Module):
                 "ibot": self.ibot_head(masked)}
 
 
+def checkpoint_shape(args):
+    """The backbone's shape: the flags', or with --init the checkpoint's (any layout, any size). Model flags left at
+    the preset's defaults follow the checkpoint (and are written back into args, so args.json and the iBOT mask
+    grid follow it too); a flag set to another value must agree with it. Returns (shape, the checkpoint's
+    state dict or None)."""
+    shape = dict(arch=args.arch, patch_size=args.patch_size, num_register_tokens=args.registers, ffn=args.ffn)
+    if not args.init:
+        return shape, None
+    sd, found = read_checkpoint(args.init)
+    defaults = get_args_parser(add_help=False)
+    defaults.set_defaults(**PRESETS[args.preset])
+    for flag, key in (("arch", "arch"), ("ffn", "ffn"), ("registers", "num_register_tokens"),
+                      ("patch_size", "patch_size")):
+        if getattr(args, flag) not in (defaults.get_default(flag), found[key]):
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)} contradicts --init {args.init}: it "
+                             f"holds a {found['arch']} (ffn {found['ffn']}, {found['num_register_tokens']} "
+                             f"registers, patch {found['patch_size']}); drop the flag")
+    for flag, size in (("--global-size", args.global_size), ("--local-size", args.local_size)):
+        if size % found["patch_size"]:
+            raise SystemExit(f"{flag} {size} is not a multiple of --init's patch size {found['patch_size']}")
+    args.arch, args.ffn, args.registers, args.patch_size = (found[k] for k in ("arch", "ffn", "num_register_tokens",
+                                                                              "patch_size"))
+    return {k: found[k] for k in ("arch", "embed_dim", "depth", "num_heads", "patch_size", "num_register_tokens",
+                                  "ffn", "ffn_hidden")}, sd
+
+
 def build_models(args):
+    """Student and teacher: backbone + separate DINO and iBOT heads; the backbone from --init when given."""
+    shape, sd = checkpoint_shape(args)
+
     def backbone(drop_path):
-        return ViT(args.arch, img_size=args.global_size, patch_size=args.patch_size,
-                   num_register_tokens=args.registers, ffn=args.ffn, layerscale_init=args.layerscale,
-                   drop_path_rate=drop_path, interpolate_antialias=bool(args.interpolate_antialias),
-                   interpolate_offset=args.interpolate_offset, recompute=args.recompute)
+        return ViT(img_size=args.global_size, layerscale_init=args.layerscale, drop_path_rate=drop_path,
+                   interpolate_antialias=bool(args.interpolate_antialias),
+                   interpolate_offset=args.interpolate_offset, recompute=args.recompute, **shape)
 
-    def heads():  # DINO and iBOT heads, separate as in OpenMidnight
-        D = ARCHS[args.arch]["embed_dim"]
-        return [DINOHead(D, args.n_prototypes, args.head_hidden, args.head_bottleneck) for _ in ("dino", "ibot")]
+    def heads(D):  # separate DINO and iBOT heads, as OpenMidnight (ibot.separate_head), each with its bottleneck
+        return [DINOHead(D, args.n_prototypes, args.head_hidden, bottleneck)
+                for bottleneck in (args.dino_head_bottleneck, args.ibot_head_bottleneck)]
 
-    student = MetaArch(backbone(args.drop_path), *heads())
-    if args.init:  # pretrained backbone; heads start fresh (Meta released backbones only)
-        sd = backbone_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
+    student_backbone = backbone(args.drop_path)
+    student = MetaArch(student_backbone, *heads(student_backbone.embed_dim))
+    if sd is not None:  # pretrained backbone; heads start fresh (the public models are backbones only)
         if args.random_pos_embed:
             sd["pos_embed"] = student.backbone.pos_embed.detach().clone()
         load_into(student.backbone, sd)  # resizes 37x37 -> 16x16 once; clear error on a wrong arch
-    teacher = MetaArch(backbone(0.0), *heads())
+    teacher = MetaArch(backbone(0.0), *heads(student_backbone.embed_dim))
     teacher.load_state_dict(student.state_dict())  # the teacher starts equal to the student
     teacher.requires_grad_(False).eval()
     return student, teacher
@@ -291,148 +359,17 @@ def ema_update(teacher, student, m):
     torch._foreach_add_(t, s, alpha=1 - m)
 
 
-# -----------------------------------------------------------------------------
-# one training step
-
-
-def prepare_batch(batch, args, device, aug_cfg):
-    """Move a batch to the device; path (b): colour ops and normalisation here, batched."""
-    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    for kind in ("global", "local"):
-        x = out[f"{kind}_crops"]
-        if x.dtype == torch.uint8:
-            x = augment.color_augment(augment.to_float(x), out[f"{kind}_params"], aug_cfg)
-            out[f"{kind}_crops"] = augment.normalize(x, aug_cfg.mean, aug_cfg.std)
-    return out
-
-
-def compute_losses(student, teacher, batch, sched, args, centers, mark=lambda phase: None):
-    """Teacher targets, student outputs, and the recipe's loss terms (recipe.md §4). `mark(phase)` lets bench.py
-    time the phases."""
-    g = batch["global_crops"]
-    with torch.no_grad():
-        t = teacher(g, mask_indices=batch["mask_indices"])
-        t_dino = torch.cat(t["dino_global"].chunk(2)[::-1])  # [g2; g1]: student g1 learns from teacher g2
-        if args.centering == "sinkhorn_knopp":
-            q_dino = L.sinkhorn_knopp(t_dino, sched["teacher_temp"])
-            q_ibot = L.sinkhorn_knopp(t["ibot"], sched["teacher_temp"])
-        else:
-            q_dino = L.softmax_center(t_dino, centers["dino"], sched["teacher_temp"])
-            q_ibot = L.softmax_center(t["ibot"], centers["ibot"], sched["teacher_temp"])
-            centers["dino"] = L.update_center(centers["dino"], t_dino)
-            centers["ibot"] = L.update_center(centers["ibot"], t["ibot"].mean(0, keepdim=True))
-    del t, t_dino  # the teacher's logits ([masked tokens, K]: ~0.9 GB on ViT-g) are not needed past the targets
-    mark("teacher")
-    s = student(g, batch["local_crops"], batch["masks"], batch["mask_indices"])
-    n_terms = 2 * args.n_local_crops + 2  # (teacher view, student view) pairs, never a view with itself
-    terms = {
-        "dino_local": L.dino_loss(s["dino_local"].chunk(args.n_local_crops), q_dino.chunk(2),
-                                  args.student_temp) / n_terms,
-        "dino_global": L.dino_loss([s["dino_global"]], [q_dino], args.student_temp) * 2 / n_terms,
-        "ibot": args.ibot_weight * L.ibot_loss(s["ibot"], q_ibot, batch["masks_weight"], g.shape[0],
-                                               args.student_temp),
-    }
-    views = s["global_cls"].chunk(2)
-    if args.kde_weight:
-        terms["kde"] = args.kde_weight * sum(L.kde_loss(v, args.kde_kappa, args.kde_variant) for v in views)
-    if args.koleo_weight:
-        terms["koleo"] = args.koleo_weight * sum(L.koleo_loss(v) for v in views)
-    health = {**L.teacher_health(q_dino), "cls_std": s["global_cls"].detach().float().std(0).mean()}
-    mark("student_forward")
-    return terms, health
-
-
-def train_step(state, batch, step, args, mark=lambda phase: None):
-    """Forward, backward, clip, AdamW, EMA. A non-finite loss or gradient skips the step (same on every rank,
-    since gradients are all-reduced before the check)."""
-    student, teacher, opt = state["student"], state["teacher"], state["opt"]
-    sched = schedules(step, args, state["world_size"])
-    for group in opt.param_groups:
-        group["lr"] = (sched["last_layer_lr"] if group["last_layer"] else sched["lr"]) * group["lr_mult"]
-        group["weight_decay"] = sched["wd"] * group["wd_mult"]
-    autocast = torch.autocast(args.device, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
-    with autocast:
-        terms, health = compute_losses(student, teacher, batch, sched, args, state["centers"], mark)
-    total = sum(terms.values())
-    opt.zero_grad(set_to_none=True)
-    total.backward()
-    mark("backward")
-    raw = state["student_raw"]
-    norms = {f"grad_norm_{name}": nn.utils.clip_grad_norm_(getattr(raw, name).parameters(), args.clip_grad)
-             for name in ("backbone", "dino_head", "ibot_head")}
-    finite = bool(torch.isfinite(torch.stack([total.detach(), *norms.values()])).all())  # one sync per step
-    if finite:
-        opt.step()
-        mark("optimizer")
-        ema_update(teacher, raw, sched["momentum"])
-        mark("ema")
-    out = {"loss": total, **terms, **norms, **health}
-    return {k: v.detach() if torch.is_tensor(v) else v for k, v in out.items()}, sched, finite
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(state, step, args):
-    ckpt = {"student": state["student_raw"].state_dict(), "teacher": state["teacher"].state_dict(),
-            "optimizer": state["opt"].state_dict(), "centers": state["centers"], "step": step,
-            "args": vars(args), "rng": {"cpu": torch.get_rng_state(),
-                                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "skipped_steps": state["skipped"]}
-    path = os.path.join(args.out, "checkpoint.pt")
-    if os.path.exists(path) and args.keep_checkpoints > 0:  # rotate: the previous latest gets its step number
-        prev = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
-        os.replace(path, os.path.join(args.out, f"checkpoint-{prev:07d}.pt"))
-    atomic_save(ckpt, path)
-    old = sorted(f for f in os.listdir(args.out) if f.startswith("checkpoint-") and f.endswith(".pt"))
-    for f in old[:max(len(old) - args.keep_checkpoints, 0)]:
-        os.remove(os.path.join(args.out, f))
-
-
-def export_teacher(state, step, args):
-    """The teacher backbone in the DINOv2 hub layout (fp32), strict-loadable by model.py and DINOv2's own code."""
-    sd = {k: v.detach().float().cpu() for k, v in state["teacher"].backbone.state_dict().items()}
-    atomic_save(sd, os.path.join(args.out, "teacher_backbone.pth"))
-    os.makedirs(os.path.join(args.out, "exports"), exist_ok=True)
-    atomic_save(sd, os.path.join(args.out, "exports", f"teacher_backbone_{step:07d}.pth"))
-
-
-def load_checkpoint(state, path, args):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # 8 ranks share the page cache
-    state["student_raw"].load_state_dict(ckpt["student"])
-    state["teacher"].load_state_dict(ckpt["teacher"])
-    state["opt"].load_state_dict(ckpt["optimizer"])
-    state["centers"] = {k: v.to(args.device) for k, v in ckpt["centers"].items()}
-    state["skipped"] = ckpt.get("skipped_steps", 0)
-    torch.set_rng_state(ckpt["rng"]["cpu"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return ckpt["step"]
-
-
-# -----------------------------------------------------------------------------
-# the run
-
-
-def setup_distributed(args):
-    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is one process."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-    rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    if args.device == "cuda":
-        torch.cuda.set_device(local)
-    return rank, world, local
+@dataclass
+class TrainState:
+    """What a training step changes and a checkpoint holds (student_ddp is the student under DDP, or itself)."""
+    student: nn.Module
+    student_ddp: nn.Module
+    teacher: nn.Module
+    opt: torch.optim.Optimizer
+    centers: dict
+    world_size: int = 1
+    step: int = 0
+    skipped: int = 0
 
 
 def build_state(args, device, rank=0, world=1, local=0):
@@ -453,144 +390,404 @@ def build_state(args, device, rank=0, world=1, local=0):
         for m in (student, teacher):
             for blk in m.backbone.blocks:
                 blk.compile()
-    state = {"student_raw": student, "teacher": teacher, "opt": opt, "world_size": world, "skipped": 0,
-             "student": DDP(student, device_ids=[local] if args.device == "cuda" else None,
-                            gradient_as_bucket_view=True) if world > 1 else student,  # grads are the buckets
-             "centers": {"dino": torch.zeros(1, args.n_prototypes, device=device),
-                         "ibot": torch.zeros(1, args.n_prototypes, device=device)}}
-    return state
+    student_ddp = DDP(student, device_ids=[local] if args.device == "cuda" else None,
+                      gradient_as_bucket_view=True) if world > 1 else student  # grads live in DDP's buckets
+    centers = {k: torch.zeros(1, args.n_prototypes, device=device) for k in ("dino", "ibot")}
+    return TrainState(student, student_ddp, teacher, opt, centers, world)
 
 
-def ensure_demo_data(args):
-    """The demo prepares its patch store (and a small labelled probe set) from the bundled slide if needed."""
-    import prepare_patches
-    if not os.path.exists(os.path.join(args.data, "manifest.json")):
-        print(f"preparing demo patches from the bundled slide into {args.data}")
-        prepare_patches.main([prepare_patches.SAMPLE_SLIDE, "--out", args.data, "--patches-per-level", "400"])
-    if args.probe_data is None:
-        import eval_probe
-        args.probe_data = eval_probe.make_demo_probe_set(os.path.join(HERE, "data", "sample_probe"))
+# -----------------------------------------------------------------------------
+# one training step
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, local = setup_distributed(args)
-    master = rank == 0
-    device = torch.device(args.device, local) if args.device == "cuda" else torch.device("cpu")
+def prepare_batch(batch, args, device, aug_cfg):
+    """Move a batch to the device; with --gpu-augment the colour ops and normalisation run here, batched."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    for kind in ("global", "local"):
+        if out[f"{kind}_crops"].dtype == torch.uint8:
+            out[f"{kind}_crops"] = augment.finish_crops(out[f"{kind}_crops"], out[f"{kind}_params"], aug_cfg)
+    return out
+
+
+def compute_losses(student, teacher, batch, sched, args, centers):
+    """Teacher targets, student outputs, and the recipe's loss terms (RECIPE.md §4), plus collapse signals."""
+    g = batch["global_crops"]
+    with torch.no_grad():
+        t = teacher(g, mask_indices=batch["mask_indices"])
+        t_dino = torch.cat(t["dino_global"].chunk(2)[::-1])  # [g2; g1]: student g1 learns from teacher g2
+        if args.centering == "sinkhorn_knopp":
+            q_dino = L.sinkhorn_knopp(t_dino, sched["teacher_temp"])
+            q_ibot = L.sinkhorn_knopp(t["ibot"], sched["teacher_temp"])
+        else:
+            q_dino = L.softmax_center(t_dino, centers["dino"], sched["teacher_temp"])
+            q_ibot = L.softmax_center(t["ibot"], centers["ibot"], sched["teacher_temp"])
+            centers["dino"] = L.update_center(centers["dino"], t_dino)
+            centers["ibot"] = L.update_center(centers["ibot"], t["ibot"].mean(0, keepdim=True))
+    s = student(g, batch["local_crops"], batch["masks"], batch["mask_indices"])
+    health = {**L.collapse_signals(t_dino, s["dino_global"].detach(), sched["teacher_temp"], args.student_temp),
+              "cls_std": s["global_cls"].detach().float().std(0).mean()}
+    del t, t_dino  # the teacher's logits ([masked tokens, K]: ~0.9 GB on ViT-g) are not needed past the targets
+    # DINO: the mean over the (teacher view, student view) pairs that never pair a view with itself: 2 global
+    # teacher views x (n local + the other global) = 2n + 2 pairs. dino_loss sums its pairs; the global term is a
+    # mean over the 2B rows of [g1; g2], i.e. half the sum of its two pairs, hence x 2.
+    n_terms = 2 * args.n_local_crops + 2
+    terms = {
+        "dino_local": L.dino_loss(s["dino_local"].chunk(args.n_local_crops), q_dino.chunk(2),
+                                  args.student_temp) / n_terms,
+        "dino_global": L.dino_loss([s["dino_global"]], [q_dino], args.student_temp) * 2 / n_terms,
+        "ibot": args.ibot_weight * L.ibot_loss(s["ibot"], q_ibot, batch["masks_weight"], g.shape[0],
+                                               args.student_temp),
+    }
+    views = s["global_cls"].chunk(2)  # the regularisers compare the samples within each global view
+    if args.kde_weight:
+        terms["kde"] = args.kde_weight * sum(L.kde_loss(v, args.kde_kappa, args.kde_variant) for v in views)
+    if args.koleo_weight:
+        terms["koleo"] = args.koleo_weight * sum(L.koleo_loss(v) for v in views)
+    return terms, health
+
+
+def train_step(st, batch, args):
+    """Forward, backward, clip, AdamW, EMA at step st.step. A non-finite loss or gradient skips the update (the
+    same on every rank, since gradients are all-reduced before the check)."""
+    sched = schedules(st.step, args, st.world_size)
+    for group in st.opt.param_groups:
+        group["lr"] = (sched["last_layer_lr"] if group["last_layer"] else sched["lr"]) * group["lr_mult"]
+        group["weight_decay"] = sched["wd"] * group["wd_mult"]
+    with autocast(args.device, args.dtype):
+        terms, health = compute_losses(st.student_ddp, st.teacher, batch, sched, args, st.centers)
+    total = sum(terms.values())
+    st.opt.zero_grad(set_to_none=True)
+    total.backward()
+    norms = {f"grad_norm_{name}": nn.utils.clip_grad_norm_(getattr(st.student, name).parameters(), args.clip_grad)
+             for name in ("backbone", "dino_head", "ibot_head")}
+    finite = bool(torch.isfinite(torch.stack([total.detach(), *norms.values()])).all())  # one sync per step
+    if finite:
+        st.opt.step()
+        ema_update(st.teacher, st.student, sched["momentum"])
+    else:
+        st.skipped += 1
+    st.step += 1
+    out = {"loss": total, **terms, **norms, **health}
+    return {k: v.detach() for k, v in out.items()}, sched, finite
+
+
+# -----------------------------------------------------------------------------
+# the run directory: one job at a time, crash-safe checkpoints, exports
+
+
+def lock_run_dir(out):
+    """An exclusive lock on --out, held until the process exits (the kernel drops it even after kill -9): a second
+    job on the same directory would interleave metrics.jsonl and rotate the first one's checkpoints."""
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise SystemExit(f"{out} is in use by another training process ({f.read().strip() or 'unknown'}): wait for "
+                         "it to end, or give another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}")
+    f.flush()
+    for tmp in glob.glob(os.path.join(out, ".*.tmp*")) + glob.glob(os.path.join(out, "exports", ".*.tmp*")):
+        os.remove(tmp)  # a killed run's half-written files: never read; ours now that we hold the lock
+    return f
+
+
+def checkpoint_files(out):
+    """Resumable checkpoints of a run, newest first: checkpoint-<step>.pt by step (checkpoint.pt, the latest, is a
+    link to the newest of them), then checkpoint.pt itself, for a run whose numbered files are gone."""
+    numbered = sorted(glob.glob(os.path.join(out, "checkpoint-*.pt")), reverse=True)  # zero-padded steps
+    latest = os.path.join(out, "checkpoint.pt")
+    return numbered + ([latest] if os.path.exists(latest) else [])
+
+
+def save_checkpoint(st, args):
+    """checkpoint-<step>.pt is written atomically and read back, then checkpoint.pt becomes a hard link to it (an
+    atomic rename; no copy), and only then are numbered checkpoints beyond --keep-checkpoints removed. At every
+    moment a complete checkpoint is on disk; a failed write (a full disk) leaves the previous ones untouched."""
+    ckpt = {"student": st.student.state_dict(), "teacher": st.teacher.state_dict(),
+            "optimizer": st.opt.state_dict(), "centers": st.centers, "step": st.step, "skipped_steps": st.skipped,
+            "args": vars(args), "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
+                                        if torch.cuda.is_available() else []}}
+    size = 16 * sum(p.numel() for p in st.student.parameters())  # fp32 student, 2 AdamW moments, teacher
+    path = os.path.join(args.out, f"checkpoint-{st.step:07d}.pt")
+    save_or_stop(ckpt, path, size, st.step)
+    if torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"] != st.step:  # known good first
+        raise SystemExit(f"{path} does not read back as step {st.step}: check the filesystem; earlier checkpoints "
+                         "are kept")
+    link = os.path.join(args.out, ".checkpoint.pt.link")
+    if os.path.exists(link):
+        os.remove(link)
+    try:
+        os.link(path, link)
+    except OSError:  # a filesystem without hard links: a copy
+        atomic_write(link, lambda f: f.write(open(path, "rb").read()), size_hint=size)
+    os.replace(link, os.path.join(args.out, "checkpoint.pt"))
+    for old in sorted(glob.glob(os.path.join(args.out, "checkpoint-*.pt")))[:-(args.keep_checkpoints + 1)]:
+        os.remove(old)
+
+
+def resume(st, args, master):
+    """Load the newest readable checkpoint of --out into st. An unreadable one (truncated, corrupt) is reported
+    and skipped, never deleted; if checkpoints exist but none loads, the run stops instead of starting over (which
+    would overwrite them): --no-resume starts over deliberately."""
+    if args.no_resume:
+        return
+    unreadable = []
+    for path in checkpoint_files(args.out):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # 8 ranks share the page cache
+        except Exception as e:
+            unreadable.append(f"{path} ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        try:
+            st.student.load_state_dict(ckpt["student"])
+            st.teacher.load_state_dict(ckpt["teacher"])
+            st.opt.load_state_dict(ckpt["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise SystemExit(f"{path} does not fit this run's model or optimizer (written with other flags?): "
+                             f"{str(e)[:300]}\nrun with the flags of {os.path.join(args.out, 'args.json')}, "
+                             "another --out, or --no-resume") from None
+        st.centers = {k: v.to(st.centers[k].device) for k, v in ckpt["centers"].items()}
+        st.step, st.skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        if master:
+            for bad in unreadable:
+                print(f"skipped unreadable checkpoint {bad}")
+            print(f"resumed from {path} at step {st.step}")
+        return
+    if unreadable:
+        raise SystemExit("no readable checkpoint in " + args.out + ":\n  " + "\n  ".join(unreadable) +
+                         "\nthey are kept; --no-resume starts over from step 0 (and will replace them)")
+
+
+def save_or_stop(obj, path, size, step):
+    """torch.save through the atomic write; a failure (a full disk) stops the run with its cause, earlier files
+    untouched, rather than training on without a way back."""
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f), size_hint=size)
+    except OSError as e:
+        raise SystemExit(f"step {step}: {e}\ntraining stopped; a rerun resumes from the newest checkpoint") from None
+
+
+def export_teacher(st, args):
+    """The teacher backbone in the DINOv2 hub layout (fp32), strict-loadable by model.py and DINOv2's own code."""
+    backbone = st.teacher.backbone
+    sd = {k: v.detach().float().cpu() for k, v in backbone.state_dict().items()}
+    for folder, name in ((args.out, "teacher_backbone.pth"), (os.path.join(args.out, "exports"),
+                                                            f"teacher_backbone_{st.step:07d}.pth")):
+        os.makedirs(folder, exist_ok=True)
+        save_or_stop(sd, os.path.join(folder, name), sum(v.numel() * 4 for v in sd.values()), st.step)
+        # the one number the tensors do not tell: model.read_checkpoint reads it from a config.json beside them
+        atomic_write(os.path.join(folder, "config.json"),
+                     lambda f: f.write(json.dumps({"num_attention_heads": backbone.num_heads}).encode()))
+
+
+# -----------------------------------------------------------------------------
+# the run's stages
+
+
+def setup_distributed(args):
+    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0, torch.device(args.device)
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     if args.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if args.preset == "demo" and master:
-        ensure_demo_data(args)
+        torch.cuda.set_device(local)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return rank, world, local, torch.device(args.device, local) if args.device == "cuda" else torch.device("cpu")
+
+
+def open_store(args, master, world):
+    """The patch store. With no --data, the demo makes its own from the bundled slide (prepare_patches.py --demo:
+    a store and a labelled probe set); any --data given must be a finished store."""
+    if args.data is None:
+        args.data = os.path.join(HERE, "data", "sample_store")
+        args.probe_data = args.probe_data or os.path.join(HERE, "data", "sample_probe")
+        if master and not os.path.exists(os.path.join(args.probe_data, "DONE")):
+            subprocess.run([sys.executable, os.path.join(HERE, "prepare_patches.py"), "--demo", "--out", args.data,
+                            "--probe-out", args.probe_data], check=True)
     if world > 1:
         dist.barrier()
     store = data.PatchStore(args.data)
-    aug_cfg = replace(augment.AugmentConfig(), global_size=args.global_size, local_size=args.local_size,
-                      n_local_crops=args.n_local_crops, hed_prob=args.hed_prob, hed_range=args.hed_range)
+    if len(store) == 0:
+        raise SystemExit(f"the patch store {args.data} holds no patches (see its report.json for why every slide "
+                         "was skipped)")
+    return store
 
-    state = build_state(args, device, rank, world, local)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    start = 0
-    if os.path.exists(ckpt_path) and not args.no_resume:
-        start = load_checkpoint(state, ckpt_path, args)
-        if master:
-            print(f"resumed from {ckpt_path} at step {start}")
-    if master:
-        global_batch = args.batch_size * world
-        print(json.dumps(vars(args), indent=1, sort_keys=True))
-        print(f"world {world} x batch {args.batch_size} = global batch {global_batch}; {args.steps} steps = "
-              f"{args.steps * global_batch:,} images = {args.steps * global_batch / len(store):.2f} passes over "
-              f"{len(store):,} patches; lr {schedules(args.warmup_steps, args, world)['lr']:.3e} after warmup "
-              f"(base {args.base_lr} x sqrt({global_batch}/1024)); schedules over {args.schedule_steps} steps; "
-              f"autocast {args.dtype}; colour ops on {'device' if args.gpu_augment else 'loader workers'}")
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-    loader = data.make_loader(store, args.batch_size, aug_cfg, args.seed, rank, world, start * args.batch_size,
-                              on_device=args.gpu_augment, workers=args.workers, pin_memory=args.device == "cuda",
-                              mask_ratio=tuple(args.mask_ratio), mask_prob=args.mask_prob)
 
-    stop = {"signal": None}
-    for sig in (signal.SIGTERM, signal.SIGUSR1):  # cluster pre-emption: checkpoint, then exit cleanly
-        signal.signal(sig, lambda s, f: stop.update(signal=s))
-    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if master else None
-    bar = tqdm(total=args.steps, initial=start, disable=not master, dynamic_ncols=True)
-    bad_in_a_row, t_last, data_time = 0, time.time(), 0.0
-    step = start
-    batches = iter(loader)
-    while step < args.steps:
-        t0 = time.time()
-        batch = prepare_batch(next(batches), args, device, aug_cfg)
-        data_time += time.time() - t0
-        out, sched, finite = train_step(state, batch, step, args)
-        step += 1
-        if not finite:
-            state["skipped"] += 1
-            bad_in_a_row += 1
-            bad = [k for k, v in out.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
-            tqdm.write(f"step {step}: non-finite {bad} on patches {batch['index'][:8].tolist()} (store indices); "
-                       f"step skipped ({bad_in_a_row} in a row)")
-            if bad_in_a_row >= args.max_bad_steps:
-                raise SystemExit(f"{bad_in_a_row} non-finite steps in a row ({bad}): lower --base-lr, check "
-                                 "--teacher-temp (<= 0.07) and the data (blank or constant patches), or resume "
-                                 "from an earlier checkpoint")
-        else:
-            bad_in_a_row = 0
-        if step % args.log_every == 0 or step == args.steps:
-            if world > 1:  # the logged terms are global-batch means (each rank's loss is its local mean)
-                vals = torch.stack([out[k].float() for k in out])
-                dist.all_reduce(vals)
-                out = dict(zip(out, (vals / world).tolist()))
-        if master and (step % args.log_every == 0 or step == args.steps):
-            dt = time.time() - t_last
-            rec = {"step": step, **{k: round(float(v), 5) for k, v in out.items()}, **sched,
-                   "skipped_steps": state["skipped"],
-                   "images_per_s": round(args.log_every * args.batch_size * world / dt, 2),
-                   "data_time_frac": round(data_time / dt, 3)}
-            metrics_file.write(json.dumps(rec) + "\n")
-            metrics_file.flush()
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{sched['lr']:.2e}", img_s=rec["images_per_s"])
-            t_last, data_time = time.time(), 0.0
-        bar.update()
-        want_stop = stop["signal"] is not None
-        if world > 1:  # any rank's signal stops all ranks at the same step; checked at log steps (a device sync)
-            want_stop = False
-            if step % args.log_every == 0:
-                flag = torch.tensor(float(stop["signal"] is not None), device=device)
-                dist.all_reduce(flag)
-                want_stop = flag.item() > 0
-        if step % args.checkpoint_every == 0 or step == args.steps or want_stop:
-            if hasattr(state["opt"], "consolidate_state_dict"):  # ZeRO-1
-                state["opt"].consolidate_state_dict(to=0)  # every rank sends its AdamW shard to rank 0
-            if master:
-                save_checkpoint(state, step, args)
-        if master and (step % args.export_every == 0 or step == args.steps):
-            export_teacher(state, step, args)
-        if master and args.probe_every and step % args.probe_every == 0:
-            run_probe(state, args, step, metrics_file)
-        if want_stop:
-            tqdm.write(f"signal {stop['signal']}: checkpoint written at step {step}; exiting")
-            break
-    bar.close()
-    if master and args.preset == "demo" and step == args.steps:
-        run_probe(state, args, step, metrics_file, baseline=build_models(args)[1].backbone)
+def describe_run(args, world, n_patches):
+    global_batch = args.batch_size * world
+    print(json.dumps(vars(args), indent=1, sort_keys=True))
+    print(f"world {world} x batch {args.batch_size} = global batch {global_batch}; {args.steps} steps = "
+          f"{args.steps * global_batch:,} images = {args.steps * global_batch / n_patches:.2f} passes over "
+          f"{n_patches:,} patches; lr {schedules(args.warmup_steps, args, world)['lr']:.3e} after warmup "
+          f"(base {args.base_lr} x sqrt({global_batch}/1024)); schedules over {args.schedule_steps} steps; "
+          f"autocast {args.dtype}; colour ops on {'device' if args.gpu_augment else 'loader workers'}")
+    atomic_write(os.path.join(args.out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step. On resume, lines past the checkpoint's step (written by a
+    run that then crashed) are dropped, so the file reads as one run; a fresh start empties it."""
+
+    def __init__(self, out, step):
+        self.path = os.path.join(out, "metrics.jsonl")
+        lines = []
+        if step and os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = [ln for ln in f if json.loads(ln).get("step", 0) <= step]
+        atomic_write(self.path, lambda f: f.write("".join(lines).encode()))
+        self.file = open(self.path, "a")
+        self.t_last, self.data_time = time.time(), 0.0
+
+    def write(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+def reduce_metrics(out, world):
+    """The logged terms as global-batch means (each rank's loss is its local mean); prototype wins are summed."""
+    wins = out.pop("prototype_wins").float()
+    vals = torch.stack([out[k].float() for k in out])
     if world > 1:
-        dist.destroy_process_group()
+        dist.all_reduce(vals)
+        dist.all_reduce(wins)
+    return {**dict(zip(out, (vals / world).tolist())), "prototypes_used": int((wins > 0).sum())}
 
 
-def run_probe(state, args, step, metrics_file, baseline=None):
-    """eval_probe's kNN on the teacher backbone, on rank 0 between steps (and, for the demo, on a random init)."""
-    import eval_probe
-    res = eval_probe.quick_knn(state["teacher"].backbone, args.probe_data, args.global_size, args.device)
+class StopSignals:
+    """SIGTERM / SIGUSR1 (cluster pre-emption) ask for a checkpoint and a clean exit; the previous handlers come
+    back when the run ends."""
+
+    def __enter__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        return self
+
+    def handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, step, args, world, device):
+        """Any rank's signal stops every rank at the same step: agreed at log steps (a device sync) under DDP."""
+        if world == 1:
+            return self.received is not None
+        if step % args.log_every:
+            return False
+        flag = torch.tensor(float(self.received is not None), device=device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+
+def initial_backbone(args):
+    """The student's backbone at step 0, rebuilt from the seed: the demo's 'before training' baseline."""
+    torch.manual_seed(args.seed)
+    return build_models(args)[1].backbone
+
+
+def run_probe(backbone, args, step, log, baseline=None):
+    """eval_probe's kNN of a backbone at --probe-size, on rank 0 between steps (and, for the demo, of the initial
+    weights beside it)."""
+    res = eval_probe.quick_knn(backbone, args.probe_data, args.probe_size, args.device)
     note = ""
     if baseline is not None:
-        res["random_init"] = eval_probe.quick_knn(baseline.to(args.device), args.probe_data, args.global_size,
-                                                  args.device)
-        note = f" (the same ViT at random init: {res['random_init']['balanced_accuracy']:.3f})"
-    metrics_file.write(json.dumps({"step": step, "probe": res}) + "\n")
-    metrics_file.flush()
-    tqdm.write(f"step {step}: teacher kNN balanced accuracy {res['balanced_accuracy']:.3f} on "
-               f"{res['n_test']} held-out images of {args.probe_data}{note}")
+        res["initial_weights"] = eval_probe.quick_knn(baseline.to(args.device), args.probe_data, args.probe_size,
+                                                      args.device)
+        note = f" (the same ViT before training: {res['initial_weights']['balanced_accuracy']:.3f})"
+    log.write({"step": step, "probe": res})
+    tqdm.write(f"step {step}: teacher kNN balanced accuracy {res['balanced_accuracy']:.3f} on {res['n_test']} "
+               f"held-out images of {os.path.relpath(args.probe_data)} at {args.probe_size} px{note}")
+
+
+def main(argv=None):
+    # 1. set up: processes and devices, the run directory (locked: one job at a time), the patch store
+    args = parse_args(argv)
+    check_paths(args)
+    rank, world, local, device = setup_distributed(args)
+    master = rank == 0
+    lock = lock_run_dir(args.out) if master else None
+    store = open_store(args, master, world)
+    aug_cfg = replace(augment.AugmentConfig(), global_size=args.global_size, local_size=args.local_size,
+                      n_local_crops=args.n_local_crops, hed_prob=args.hed_prob, hed_range=args.hed_range,
+                      mean=augment.NORMS[args.norm][0], std=augment.NORMS[args.norm][1])
+    # 2. build the student, the teacher and the optimizer; 3. resume from the newest readable checkpoint
+    st = build_state(args, device, rank, world, local)
+    resume(st, args, master)
+    log = MetricsLog(args.out, st.step) if master else None
+    if master:
+        describe_run(args, world, len(store))
+    loader = data.make_loader(store, args.batch_size, aug_cfg, args.seed, rank, world, st.step * args.batch_size,
+                              on_device=args.gpu_augment, workers=args.workers, pin_memory=args.device == "cuda",
+                              mask_ratio=tuple(args.mask_ratio), mask_prob=args.mask_prob, patch_size=args.patch_size)
+    # 4. the loop
+    bar = tqdm(total=args.steps, initial=st.step, disable=not master, dynamic_ncols=True)
+    batches, bad_in_a_row = iter(loader), 0
+    with StopSignals() as stop:
+        while st.step < args.steps:
+            t0 = time.time()  # data: the next batch, moved to the device (colour ops there with --gpu-augment)
+            batch = prepare_batch(next(batches), args, device, aug_cfg)
+            if master:
+                log.data_time += time.time() - t0
+            out, sched, finite = train_step(st, batch, args)  # the step, skipped if anything is non-finite
+            bad_in_a_row = 0 if finite else bad_in_a_row + 1
+            if not finite:
+                report_bad_step(out, batch, st, bad_in_a_row, args)
+            logging = st.step % args.log_every == 0 or st.step == args.steps  # every rank joins the all-reduce
+            if logging:
+                metrics = reduce_metrics(out, world)
+                if master:
+                    write_metrics(log, metrics, sched, st, args, world, bar)
+            bar.update()
+            stopping = stop.agreed(st.step, args, world, device)  # checkpoint, export, probe, stop
+            if st.step % args.checkpoint_every == 0 or st.step == args.steps or stopping:
+                if hasattr(st.opt, "consolidate_state_dict"):  # ZeRO-1: every rank sends its shard to rank 0
+                    st.opt.consolidate_state_dict(to=0)
+                if master:
+                    save_checkpoint(st, args)
+            if master and (st.step % args.export_every == 0 or st.step == args.steps):
+                export_teacher(st, args)
+            if master and args.probe_every and st.step % args.probe_every == 0:
+                run_probe(st.teacher.backbone, args, st.step, log)
+            if stopping:
+                tqdm.write(f"signal {stop.received}: checkpoint written at step {st.step}; exiting")
+                break
+    # 5. finish: the demo ends with its probe, beside the same ViT before training
+    bar.close()
+    if master and args.preset == "demo" and st.step == args.steps:
+        run_probe(st.teacher.backbone, args, st.step, log, baseline=initial_backbone(args))
+    if world > 1:
+        dist.destroy_process_group()
+    if lock:
+        lock.close()
+
+
+def report_bad_step(out, batch, st, bad_in_a_row, args):
+    bad = [k for k, v in out.items() if not torch.isfinite(v).all()]
+    tqdm.write(f"step {st.step}: non-finite {bad} on patches {batch['index'][:8].tolist()} (store indices); "
+               f"step skipped ({bad_in_a_row} in a row)")
+    if bad_in_a_row >= args.max_bad_steps:
+        raise SystemExit(f"{bad_in_a_row} non-finite steps in a row ({bad}): lower --base-lr, check --teacher-temp "
+                         "(<= 0.07) and the data (blank or constant patches), or resume from an earlier checkpoint")
+
+
+def write_metrics(log, metrics, sched, st, args, world, bar):
+    now = time.time()
+    dt = now - log.t_last
+    rec = {"step": st.step, **{k: round(v, 5) for k, v in metrics.items()}, **sched, "skipped_steps": st.skipped,
+           "images_per_s": round(args.log_every * args.batch_size * world / dt, 2),
+           "data_time_frac": round(log.data_time / dt, 3)}
+    log.write(rec)
+    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{sched['lr']:.2e}", img_s=rec["images_per_s"])
+    log.t_last, log.data_time = now, 0.0
 
 
 if __name__ == "__main__":

@@ -28,12 +28,13 @@ def test_a_few_steps_run_the_loss_moves_and_the_export_loads(small_store, tmp_pa
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[0]["loss"] != rows[-1]["loss"]
     assert rows[0]["last_layer_lr"] == 0 and rows[1]["last_layer_lr"] > 0  # prototypes frozen for 1 step
     for key in ("dino_local", "dino_global", "ibot", "kde", "teacher_entropy", "teacher_kl_uniform", "cls_std",
+                "student_entropy", "prototypes_used",
                 "grad_norm_backbone", "grad_norm_dino_head", "grad_norm_ibot_head", "skipped_steps", "images_per_s"):
         assert key in rows[-1], key
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 5 and ckpt["args"]["batch_size"] == 4
     export = torch.load(tmp_path / "teacher_backbone.pth", weights_only=True)
-    hub_keys = set(M.ViT("vit_small", img_size=56, num_register_tokens=4).state_dict())
+    hub_keys = set(M.ViT(embed_dim=128, depth=2, num_heads=2, img_size=56, num_register_tokens=4).state_dict())
     assert set(export) == hub_keys  # the DINOv2 hub layout, nothing else
     m = M.load_backbone(str(tmp_path / "teacher_backbone.pth"))
     teacher = {k[len("backbone."):]: v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")}
@@ -57,7 +58,7 @@ def test_schedules_equal_their_formulas_at_key_steps(tmp_path):
     assert s(0)["teacher_temp"] == 0.04 and s(37_499)["teacher_temp"] == pytest.approx(0.07)
     assert s(18_000)["teacher_temp"] == pytest.approx(0.04 + 0.03 * 18_000 / 37_499)
     assert s(1249)["last_layer_lr"] == 0 and s(1250)["last_layer_lr"] == s(1250)["lr"] > 0
-    # the released run: schedules stretched over 10M steps -> effectively constant (recipe.md §8's table)
+    # the released run: schedules stretched over 10M steps -> effectively constant (RECIPE.md §8's table)
     blog = train.parse_args(["--preset", "openmidnight", "--data", "x", "--init", str(init)])
     b = train.schedules(249_999, blog, world_size=8)
     assert b["lr"] == pytest.approx(1.2231e-4, rel=1e-3) and b["wd"] == pytest.approx(0.0402, abs=1e-4)
@@ -66,7 +67,7 @@ def test_schedules_equal_their_formulas_at_key_steps(tmp_path):
 
 def test_parameter_groups_decay_and_lr_multipliers():
     args = train.parse_args(["--preset", "vits", "--data", "x", "--layerwise-decay", "0.9", "--n-prototypes", "32",
-                             "--head-hidden", "16", "--head-bottleneck", "8"])
+                             "--head-hidden", "16", "--dino-head-bottleneck", "8", "--ibot-head-bottleneck", "8"])
     student, _ = train.build_models(args)
     where = {}
     for g in train.param_groups(student, args):
@@ -148,17 +149,15 @@ def test_non_finite_loss_skips_steps_then_aborts(small_store, tmp_path, monkeypa
 
 
 def test_bad_paths_and_flags_fail_at_start_up(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(["--preset", "openmidnight", "--data", "x"])
-    assert "--init" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.parse_args(["--preset", "vits", "--data", "x", "--init", str(tmp_path / "missing.pth")])
-    assert "never downloaded" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.parse_args(["--preset", "vits"])
-    assert "--data" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--init"):
+        train.main(["--preset", "openmidnight", "--data", "x"])
+    with pytest.raises(SystemExit, match="never downloaded"):
+        train.main(["--preset", "vits", "--data", "x", "--init", str(tmp_path / "missing.pth")])
+    with pytest.raises(SystemExit, match="--data"):
+        train.main(["--preset", "vits"])
     with pytest.raises(FileNotFoundError, match="prepare_patches.py"):
-        train.main(["--preset", "vits", "--data", str(tmp_path / "nostore"), "--device", "cpu"])
+        train.main(["--preset", "vits", "--data", str(tmp_path / "nostore"), "--device", "cpu",
+                    "--out", str(tmp_path / "run")])
 
 
 def test_device_colour_path_and_bf16_autocast_run_on_cpu(small_store, tmp_path):
@@ -173,7 +172,7 @@ def test_analytic_flop_count():
     import bench
     # one block, 10 tokens, D 8, MLP hidden 32: 10 (8 * 64 + 4 * 8 * 32) + 4 * 100 * 8; patch embed 2 * 9 * 588 * 8
     assert bench.vit_forward_flops(10, 8, 1, 32, "mlp", 9) == 10 * (512 + 1024) + 3200 + 2 * 9 * 588 * 8
-    args = train.parse_args(["--preset", "openmidnight"], need_paths=False)
+    args = train.parse_args(["--preset", "openmidnight"])
     per_image = bench.train_flops_per_image(args)
     assert 5.0e12 < per_image < 5.3e12  # ~5.1 TFLOP per image with batch-subset drop path (issue #7)
     args.recompute = "full"  # one more student forward: +1/3 of the student's share (~85% of the total)
@@ -185,10 +184,11 @@ def test_analytic_flop_count():
 def test_bench_memory_prediction_counts_the_fixed_part_and_measures_activations():
     import bench
     tiny = ["--preset", "vits", "--global-size", "56", "--local-size", "28", "--n-local-crops", "2",
-            "--n-prototypes", "256", "--head-hidden", "64", "--head-bottleneck", "32", "--batch-size", "40"]
+            "--n-prototypes", "256", "--head-hidden", "64", "--dino-head-bottleneck", "32", "--ibot-head-bottleneck", "24",
+            "--batch-size", "40"]
     out = {mode: bench.bench_memory(tiny + ["--recompute", mode, "--drop-path", "0.4"])
            for mode in ("none", "selective", "full")}
-    student, teacher = train.build_models(train.parse_args(tiny, need_paths=False))
+    student, teacher = train.build_models(train.parse_args(tiny))
     n = sum(p.numel() for p in student.parameters())
     assert out["full"]["fixed_gib"] * 2 ** 30 == 4 * (4 * n + n)  # fp32 weights, grads, 2 AdamW moments; teacher
     zero = bench.bench_memory(tiny + ["--recompute", "full", "--zero", "1", "--world-size", "4"])
