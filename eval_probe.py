@@ -1,5 +1,5 @@
 """
-Judge a backbone by frozen features, the way kaiko-ai's eva does (recipe.md §10): a linear probe with balanced
+Judge a backbone by frozen features, the way kaiko-ai's eva does (RECIPE.md §10): a linear probe with balanced
 accuracy as the headline, plus DINO's weighted kNN, few-shot probes and PCA maps of patch tokens.
 
     python eval_probe.py --weights runs/om/teacher_backbone.pth --data BACH_ROOT --dataset bach --knn
@@ -29,10 +29,10 @@ from model import autocast, load_backbone
 from prepare_patches import atomic_write
 
 # the frozen feature of an image: CLS (DINOv2, OpenMidnight, eva), CLS + mean patch token (Midnight, Virchow2), or
-# the mean patch token; and the input normalisations (ImageNet's; Midnight's 0.5 / 0.5)
+# the mean patch token
 FEATURES = ("cls", "cls+mean", "mean")
-NORMS = {"imagenet": (augment.IMAGENET_MEAN, augment.IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
-# per-dataset early-stopping patience in validation checks (eva's configs, recipe.md §10.1)
+NORMS = augment.NORMS
+# per-dataset early-stopping patience in validation checks (eva's configs, RECIPE.md §10.1)
 PATIENCE = {"bach": 1250, "bracs": 167, "breakhis": 500, "crc": 7, "gleason": 42, "mhist": 278, "pcam": 3}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -78,11 +78,18 @@ def load_imagefolder(root, seed):
 
 
 def load_csv(path, seed):
+    """path,label[,split] rows (paths relative to the CSV); listed files that do not exist are counted, named and
+    left out; no split column: a seeded stratified 60/20/20 split."""
     root = os.path.dirname(os.path.abspath(path))
     with open(path, newline="") as f:
         rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
     if rows and rows[0][0].lower() in ("path", "image", "file"):
         rows = rows[1:]
+    missing = [r[0] for r in rows if not os.path.exists(os.path.join(root, r[0]))]
+    if missing:
+        print(f"{path}: {len(missing)} of {len(rows)} listed images do not exist and are left out, e.g. "
+              f"{missing[:3]}")
+    rows = [r for r in rows if os.path.exists(os.path.join(root, r[0]))]
     classes = sorted({r[1] for r in rows})
     items = [(os.path.join(root, r[0]), classes.index(r[1]), r[2] if len(r) > 2 else None) for r in rows]
     if all(s is None for _, _, s in items):
@@ -214,11 +221,12 @@ def pool_features(out, features="cls"):
 
 
 @torch.no_grad()
-def embed(backbone, x, features="cls"):
+def embed(backbone, x, features="cls", dtype="bfloat16"):
     """Features (B, D) float32 on the CPU of a normalised batch x (B, 3, H, W), on the backbone's device, in bf16
-    autocast on a GPU. The one feature extractor of every probe (patches, slides, HEST)."""
+    autocast on a GPU unless dtype="float32" (HEST's fp32 protocol). The one feature extractor of every probe
+    (patches, slides, HEST)."""
     device = next(backbone.parameters()).device
-    with autocast(device, "bfloat16" if device.type == "cuda" else "float32"):
+    with autocast(device, dtype if device.type == "cuda" else "float32"):
         out = backbone.forward_features(x.to(device, non_blocking=True))
     return pool_features(out, features).float().cpu()
 
@@ -284,10 +292,11 @@ def knn_predict(train_x, train_y, test_x, n_classes, k=20, temperature=0.07):
 
 
 def train_linear(train, val, n_classes, lr=3e-4, weight_decay=0.01, batch_size=256, max_steps=12_500,
-                 patience=100, seed=0, device="cpu"):
+                 patience=100, seed=0, device="cpu", check_every=1, min_delta=0.0):
     """eva's head: one linear layer (BCE with one logit for 2 classes), AdamW, lr x 1/3 for the first 5 epochs
-    (torch's ConstantLR, eva's default), one validation check per epoch, early stopping on validation balanced
-    accuracy with `patience` checks; returns the best-validation head."""
+    (torch's ConstantLR, eva's default), a validation check every `check_every` epochs, early stopping on
+    validation balanced accuracy after `patience` checks that do not beat the best by more than `min_delta`
+    (Lightning's EarlyStopping); returns the head of the best check (strictly better, as ModelCheckpoint)."""
     g = torch.Generator().manual_seed(seed)
     (xt, yt), (xv, yv) = train, val
     xt, yt, xv = xt.to(device), yt.to(device), xv.to(device)
@@ -298,7 +307,7 @@ def train_linear(train, val, n_classes, lr=3e-4, weight_decay=0.01, batch_size=2
         head.weight.copy_(torch.rand(head.weight.shape, generator=g) * 2 * bound - bound)
         head.bias.copy_(torch.rand(head.bias.shape, generator=g) * 2 * bound - bound)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    best, best_state, bad_checks, step, epoch = -1.0, None, 0, 0, 0
+    best, best_state, bad_checks, step, epoch, stop_best = -1.0, None, 0, 0, 0, -1.0
     while step < max_steps and bad_checks < patience:
         for group in opt.param_groups:
             group["lr"] = lr / 3 if epoch < 5 else lr
@@ -315,9 +324,13 @@ def train_linear(train, val, n_classes, lr=3e-4, weight_decay=0.01, batch_size=2
             if step >= max_steps:
                 break
         epoch += 1
+        if epoch % check_every and (step < max_steps or best_state is not None):
+            continue
         score = metrics(predict_linear(head, xv), yv.numpy(), n_classes)["balanced_accuracy"]
         if score > best:
-            best, best_state, bad_checks = score, {k: v.clone() for k, v in head.state_dict().items()}, 0
+            best, best_state = score, {k: v.clone() for k, v in head.state_dict().items()}
+        if score - min_delta > stop_best:
+            stop_best, bad_checks = score, 0
         else:
             bad_checks += 1
     head.load_state_dict(best_state)
@@ -330,11 +343,17 @@ def predict_linear(head, x):
     return (logits[:, 0] > 0).long().numpy() if logits.shape[1] == 1 else logits.argmax(1).numpy()
 
 
-def few_shot_indices(labels, n, n_classes, seed):
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    return np.concatenate([rng.choice(np.nonzero(labels == c)[0], min(n, int((labels == c).sum())), replace=False)
-                           for c in range(n_classes)])
+def balanced_sample(labels, n, rng):
+    """eva's BalancedSampler: n indices per class without replacement (classes in order of first appearance, the
+    generator's draws in eva's order), shuffled. Successive calls on one generator give eva's per-run draws."""
+    by_class = {}
+    for i, lab in enumerate(labels):
+        by_class.setdefault(int(lab), []).append(i)
+    picked = []
+    for idx in by_class.values():
+        picked.extend(rng.choice(idx, size=min(n, len(idx)), replace=False).tolist())
+    rng.shuffle(picked)
+    return np.array(picked, dtype=np.int64)
 
 
 # -----------------------------------------------------------------------------
@@ -398,43 +417,31 @@ def quick_knn(backbone, folder, size=224, device="cpu", seed=0):
     return {**metrics(pred.numpy(), test_y.numpy(), len(classes)), "n_test": len(test_y)}
 
 
-def make_demo_probe_set(root, per_class=40):
-    """A labelled folder from the bundled slide for the demo's probe: patches at 0.5, 1 and 2 microns per pixel,
-    the class being the magnification (the slide carries no tissue labels)."""
-    if os.path.isdir(root) and os.path.exists(os.path.join(root, "DONE")):
-        return root
-    import data
-    import prepare_patches
-    tmp = root + "-store"
-    prepare_patches.main([prepare_patches.SAMPLE_SLIDE, "--out", tmp, "--mpp", "0.5", "1", "2", "--no-qc",
-                          "--patches-per-level", str(per_class), "--seed", "123"])
-    store = data.PatchStore(tmp)
-    for i in range(len(store)):
-        patch, meta = store[i]
-        d = os.path.join(root, f"{meta['mpp']:g}mpp")
-        os.makedirs(d, exist_ok=True)
-        Image.fromarray(patch).save(os.path.join(d, f"{i:04d}.png"))
-    open(os.path.join(root, "DONE"), "w").close()
-    return root
-
-
 # -----------------------------------------------------------------------------
 # the command line
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="checkpoint / export / hub file (local path)")
-    p.add_argument("--data", required=True, help="dataset root (or CSV file for --dataset csv)")
+    p.add_argument("--weights", required=True, nargs="+",
+                   help="checkpoint / export / hub file (local path); a second one only with --tsne (side by side)")
+    p.add_argument("--data", default=None, help="dataset root (or CSV file for --dataset csv); not with --suite")
     p.add_argument("--dataset", default="imagefolder", choices=sorted(LOADERS))
     p.add_argument("--arch", default=None, help="override the arch inferred from the weights")
     p.add_argument("--features", default="cls", choices=FEATURES, help="cls+mean: Midnight's and Virchow2's 2D-dim")
-    p.add_argument("--norm", default="imagenet", choices=sorted(NORMS), help="half: Midnight's 0.5/0.5")
+    p.add_argument("--norm", default="imagenet", choices=sorted(NORMS), help="input normalisation: imagenet; half = Midnight's 0.5/0.5; hoptimus = H-optimus-0's")
     p.add_argument("--size", type=int, default=224, help="resize shorter side, centre crop")
     p.add_argument("--knn", action="store_true", help="also DINO's weighted kNN (k=20, T=0.07)")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--few-shot", type=int, default=0, help="n images per class from train, repeated draws")
-    p.add_argument("--few-shot-draws", type=int, default=10)
+    p.add_argument("--few-shot-draws", type=int, default=10, help="few-shot heads fitted (eva's PCam 10-shot: 50)")
+    p.add_argument("--few-shot-draw", default="per-run", choices=("per-run", "same"),
+                   help="eva's BalancedSampler draws a new n-shot set per head (upstream eva), or one set shared by "
+                        "every head (OpenMidnight's eva-probe)")
+    p.add_argument("--few-shot-seed", type=int, default=42, help="seed of the balanced few-shot draws (eva: 42)")
+    p.add_argument("--check-every", type=int, default=1, help="epochs between validation checks (PCam 10-shot: 10)")
+    p.add_argument("--min-delta", type=float, default=0.0,
+                   help="early stopping counts a check as progress only if it beats the best by more than this")
     p.add_argument("--no-linear", action="store_true")
     p.add_argument("--runs", type=int, default=5, help="linear heads averaged (eva: 5)")
     p.add_argument("--lr", type=float, default=3e-4)
@@ -443,21 +450,60 @@ def get_args(argv=None):
     p.add_argument("--patience", type=int, default=None, help="validation checks (default: eva's per dataset)")
     p.add_argument("--pca", default=None, metavar="OUT.png", help="PCA maps of patch tokens of a few images")
     p.add_argument("--pca-images", type=int, default=4)
-    p.add_argument("--out", default=None, help="results JSON (default results_<dataset>.json)")
+    p.add_argument("--out", default=None,
+                   help="results JSON (default runs/eval/<weights file name>_<dataset>.json, a git-ignored folder)")
     p.add_argument("--cache-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                                                        "feature_cache"))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--suite", default=None, metavar="ROOT", help="the results table: every benchmark whose folder "
+                   "is under ROOT (eval_suite.py), one row beside the published ones; --out is then a folder")
+    p.add_argument("--tasks", nargs="+", default=None, help="with --suite: only these columns (eval_suite.COLUMNS)")
+    p.add_argument("--quick", action="store_true", help="with --suite: one seed per task, a fast look (row marked)")
+    p.add_argument("--tsne", default=None, metavar="OUT.png",
+                   help="t-SNE map of --data's features by class (two --weights: side by side); with --suite: "
+                        "where BACH's map goes (default OUT/tsne_bach.png)")
+    args = p.parse_args(argv)
+    if args.data is None and args.suite is None:
+        p.error("--data is required (or --suite ROOT for the results table)")
+    if len(args.weights) > 2 or (len(args.weights) == 2 and not (args.tsne and not args.suite)):
+        p.error("give one --weights (two only for a side-by-side --tsne without --suite)")
+    args.weights = args.weights[0] if len(args.weights) == 1 else args.weights
+    return args
+
+
+def check_splits(splits, classes, root):
+    """A probe needs two classes or more, each present in train and val: anything else would report a
+    meaningless score (one class gives balanced accuracy 1.0)."""
+    if len(classes) < 2:
+        raise SystemExit(f"{root!r} has {len(classes)} class ({classes}): a probe needs at least 2")
+    for s, items in splits.items():
+        missing = sorted(set(range(len(classes))) - {lab for _, lab in items})
+        if missing and s in ("train", "val"):
+            raise SystemExit(f"split {s!r} has no images of classes {[classes[c] for c in missing]}: "
+                             "check the data layout, or use a single folder to get a stratified split")
+        if len({lab for _, lab in items}) < 2:
+            raise SystemExit(f"split {s!r} of {root!r} holds a single class: a probe needs at least 2 per split")
+
+
+def file_key(item):
+    """An item's identity for the feature cache: its path, size and modification time (an edited image is a new
+    item); PCam's (h5 file, index) items use the h5 file's."""
+    path = item[0] if isinstance(item, tuple) else item
+    try:
+        st = os.stat(path)
+        return [str(item), st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [str(item)]
 
 
 def cached_features(args, backbone, splits):
     """Features per split, cached on disk keyed by the weights file, the data items and the feature settings."""
     st = os.stat(args.weights)
     key = hashlib.sha1(json.dumps([os.path.abspath(args.weights), st.st_size, st.st_mtime, args.arch,
-                                   args.dataset, {s: [str(i) for i, _ in v] for s, v in splits.items()},
+                                   args.dataset, {s: [file_key(i) for i, _ in v] for s, v in splits.items()},
                                    args.features, args.norm, args.size]).encode()).hexdigest()[:16]
     path = os.path.join(args.cache_dir, key + ".pt")
     if os.path.exists(path):
@@ -478,6 +524,9 @@ def cached_features(args, backbone, splits):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.suite or args.tsne:  # the results table and the t-SNE map live in eval_suite.py
+        import eval_suite
+        return eval_suite.main(args)
     t0 = time.time()
     splits, classes = LOADERS[args.dataset](args.data, args.seed)
     has_split_dirs = any(os.path.isdir(os.path.join(args.data, s)) for s in ("train", "val", "test"))
@@ -492,11 +541,17 @@ def main(argv=None):
     made_split = "val" not in splits
     if made_split:  # no validation split: a seeded stratified 20% of train
         splits["train"], splits["val"] = stratified_split(splits["train"], (0.8, 0.2), args.seed)
-    for s, items in splits.items():
-        missing = sorted(set(range(len(classes))) - {lab for _, lab in items})
-        if missing and s in ("train", "val"):
-            raise SystemExit(f"split {s!r} has no images of classes {[classes[c] for c in missing]}: "
-                             "check the data layout, or use a single folder to get a stratified split")
+    check_splits(splits, classes, args.data)
+    draws = []  # few-shot sets as positions in the train items, drawn from the labels before any image is read
+    if args.few_shot:
+        rng = np.random.default_rng(args.few_shot_seed)
+        labels = [lab for _, lab in splits["train"]]
+        draws = [balanced_sample(labels, args.few_shot, rng)
+                 for _ in range(1 if args.few_shot_draw == "same" else args.few_shot_draws)]
+        if args.no_linear and not args.knn:  # only the drawn images need features (eva-probe embeds just these)
+            keep = sorted(set(np.concatenate(draws).tolist()))
+            splits["train"] = [splits["train"][i] for i in keep]
+            draws = [np.searchsorted(keep, d) for d in draws]
     backbone = load_backbone(args.weights, arch=args.arch)
     feats, cache_path = cached_features(args, backbone, splits)
     report_split = "test" if "test" in splits else "val"
@@ -509,7 +564,7 @@ def main(argv=None):
                             "unreadable": {s: len(f["unreadable"]) for s, f in feats.items()}}}
     C = len(classes)
     fit = dict(lr=args.lr, weight_decay=args.weight_decay, max_steps=args.max_steps, patience=patience,
-               device=args.device)
+               device=args.device, check_every=args.check_every, min_delta=args.min_delta)
     if not args.no_linear:
         runs = []
         for r in range(args.runs):
@@ -520,16 +575,27 @@ def main(argv=None):
         results["knn"] = metrics(knn_predict(train["x"], train["y"], test["x"], C, args.k).numpy(),
                                  test["y"].numpy(), C)
     if args.few_shot:
-        runs = []
-        for d in range(args.few_shot_draws):  # a new n-shot training set per draw (not eva's single draw)
-            idx = torch.from_numpy(few_shot_indices(train["y"].numpy(), args.few_shot, C, args.seed + d))
+        runs, unreadable = [], set(train["unreadable"])
+        readable = np.array([str(it) not in unreadable for it, _ in splits["train"]])
+        row = np.cumsum(readable) - 1  # feature row of each train item (unreadable ones have none)
+        for d in range(args.few_shot_draws):  # heads differ by init; the sets by --few-shot-draw
+            draw = draws[d % len(draws)]
+            idx = torch.from_numpy(row[draw[readable[draw]]])
             head, info = train_linear((train["x"][idx], train["y"][idx]), (val["x"], val["y"]), C, seed=d, **fit)
             runs.append({**metrics(predict_linear(head, test["x"]), test["y"].numpy(), C), **info})
         results[f"few_shot_{args.few_shot}"] = summarise(runs)
+    method = "linear" if "linear" in results else f"few_shot_{args.few_shot}" if args.few_shot else \
+        "knn" if args.knn else None
+    if method:  # the number the results table shows (the evaluation-script contract)
+        results["headline"] = {"metric": "balanced_accuracy", "value": results[method]["balanced_accuracy"],
+                               "std": results[method].get("balanced_accuracy_std", 0.0), "method": method,
+                               "split": report_split}
     if args.pca:
         items = splits[report_split][:args.pca_images]
         results["pca"] = {"path": args.pca, "size": pca_figure(backbone, items, args.pca, device=args.device)}
-    out = args.out or f"results_{args.dataset}.json"
+    weights = args.weights[0] if isinstance(args.weights, list) else args.weights
+    stem = os.path.splitext(os.path.basename(weights))[0]
+    out = args.out or os.path.join("runs", "eval", f"{stem}_{args.dataset}.json")
     save_results(out, results)
     line = " | ".join(f"{m} balanced acc {results[m]['balanced_accuracy']:.4f}" for m in results
                       if isinstance(results[m], dict) and "balanced_accuracy" in results[m])

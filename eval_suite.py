@@ -1,0 +1,498 @@
+"""
+OpenMidnight's results table in one command, and the t-SNE figure of its blog post.
+
+    python eval_probe.py --weights runs/om/teacher_backbone.pth --suite BENCH_ROOT --out results/om [--quick]
+    python eval_probe.py --weights dinov2_vitg14_reg4_pretrain.pth teacher.pth --data BACH --dataset bach --tsne m.png
+
+The table has 13 columns (COLUMNS): eva's patch probes, its PCam 10-shot protocol, two slide-level MIL tasks, two
+segmentation tasks and HEST, plus their average. BENCH_ROOT holds any subset of the benchmark datasets, unpacked,
+one folder per dataset named as in COLUMNS (pcam/ serves PCam and PCam 10-shot); every column whose folder is
+present runs with its own protocol (eval_probe.py, eval_slide.py, eval_seg.py, eval_hest.py, called through the
+evaluation-script contract: main(argv) -> results with a "headline"). OUT/results.json keeps every figure and
+setting; OUT/results.md has this model's row above the published rows (PUBLISHED, each with its source). Each
+task's result is cached in OUT/tasks/<column>.json with the settings it ran with, so a rerun does only what is
+missing, stale or failed; a failing task is reported as failed and the others still run. When bach/ is present
+the suite also draws the t-SNE map of BACH's CLS features (OUT/tsne_bach.png, from the probe's feature cache).
+
+t-SNE (van der Maaten & Hinton 2008) is the exact O(N^2) algorithm with scikit-learn's TSNE defaults: per-point
+Gaussian bandwidths by binary search to perplexity 30, symmetrised P, PCA initialisation scaled to std 1e-4,
+early exaggeration 12 for 250 iterations at momentum 0.5, then momentum 0.8 up to 1000, learning rate
+max(N / 12 / 4, 50), delta-bar-delta gains; written in torch, chunked, for up to ~10k points.
+"""
+import copy
+import importlib
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections import namedtuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import eval_probe
+from prepare_patches import atomic_write
+
+# -----------------------------------------------------------------------------
+# the columns: data folder, the script that runs it, its protocol's argv, and eva's n_runs (its configs)
+
+Task = namedtuple("Task", "key header folder module argv runs runs_flag")
+PCAM_10_SHOT = ["--dataset", "pcam", "--few-shot", "10", "--no-linear", "--few-shot-draw", "same",
+                "--check-every", "10", "--patience", "125", "--min-delta", "1e-4"]  # eva-probe's pcam_10.yaml
+COLUMNS = [
+    Task("pcam10", "PCam 10-shot", "pcam", "eval_probe", PCAM_10_SHOT, 50, "--few-shot-draws"),
+    *[Task(k, h, k, "eval_probe", ["--dataset", k], 5, "--runs") for k, h in
+      (("bach", "BACH"), ("bracs", "BRACS"), ("breakhis", "BreakHis"), ("crc", "CRC-100K"), ("gleason", "Gleason"),
+       ("mhist", "MHIST"), ("pcam", "PCam"))],
+    Task("camelyon16", "Cam16-small", "camelyon16", "eval_slide", ["--dataset", "camelyon16"], 20, "--runs"),
+    Task("panda", "PANDA-small", "panda", "eval_slide", ["--dataset", "panda"], 20, "--runs"),
+    Task("consep", "CoNSeP", "consep", "eval_seg", ["--dataset", "consep"], 5, "--runs"),
+    Task("monusac", "MoNuSAC", "monusac", "eval_seg", ["--dataset", "monusac"], 5, "--runs"),
+    Task("hest", "HEST", "hest", "eval_hest", ["--dataset", "hest"], 1, "--runs"),  # ridge on fixed folds
+]
+KEYS = [t.key for t in COLUMNS]
+
+# -----------------------------------------------------------------------------
+# published rows (facts, with their source); None = not found, shown as an empty cell with a footnote
+
+MIDNIGHT_README = ("https://github.com/kaiko-ai/Midnight/blob/e48dce1567a1db3c9cfedecace6f20262c07d5aa/README.md, "
+                   "Results Summary (Karasikov et al., arXiv 2504.05186)")
+OM_POST = ("https://sophont.med/blog/openmidnight (linked from the OpenMidnight README); five columns as quoted by "
+           "this project, the post's other values were not at hand when this table was written: empty, not guessed")
+
+
+def _row(values, average, source):
+    return {"values": dict(zip(KEYS, values)), "average": average, "source": source}
+
+
+PUBLISHED = {
+    "OpenMidnight": {"values": {**dict.fromkeys(KEYS), "camelyon16": 0.946, "panda": 0.652, "consep": 0.631,
+                                "monusac": 0.655, "hest": 0.390}, "average": None, "source": OM_POST},
+    "Midnight-92k/392": _row([.900, .904, .646, .802, .966, .807, .828, .951, .868, .651, .662, .708, .415], .778,
+                             MIDNIGHT_README),
+    "Midnight-92k": _row([.882, .889, .615, .793, .967, .823, .831, .948, .872, .643, .629, .656, .425], .767,
+                         MIDNIGHT_README),
+    "Midnight-12k": _row([.803, .907, .639, .840, .967, .790, .815, .931, .869, .656, .625, .664, .412], .763,
+                         MIDNIGHT_README),
+    "UNI-2": _row([.885, .924, .651, .863, .970, .777, .829, .951, .873, .666, .626, .644, .431], .776,
+                  MIDNIGHT_README),
+    "Virchow2": _row([.835, .890, .633, .818, .966, .791, .865, .938, .860, .646, .640, .674, .403], .766,
+                     MIDNIGHT_README),
+    "H-optimus-0": _row([.831, .752, .620, .813, .962, .769, .850, .943, .847, .672, .644, .687, .425], .755,
+                        MIDNIGHT_README),
+    "DINOv2-giant (ImageNet)": _row([.721, .724, .578, .783, .943, .740, .855, .881, .500, .509, .565, .614, .351],
+                                    .674, MIDNIGHT_README),
+    "DINOv2-giant (random init)": _row([.652, .474, .413, .425, .754, .459, .578, .763, .526, .304, .462, .432,
+                                        .166], .493, MIDNIGHT_README),
+}
+FOOTNOTES = [
+    "Metrics: balanced accuracy (classification, test split where the dataset has one, else val), Dice "
+    "(segmentation), Pearson r (HEST); each the mean over eva's runs (5 probes, 50 PCam 10-shot heads, 20 MIL "
+    "heads, 5 segmentation heads).",
+    "Midnight README rows use Midnight's protocol: CLS + mean patch token, mean/std 0.5 (Midnight-92k/392 at 392 "
+    "px); their average is over all 13 columns. Its March-2025 version had other Cam16/PANDA values (e.g. "
+    "Midnight-12k 0.855 / 0.648), revised with the paper on 2025-04-07.",
+]
+
+# -----------------------------------------------------------------------------
+# the runner
+
+
+def weights_signature(path):
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime}
+
+
+def task_argv(task, args, runs):
+    """(protocol argv, run-time argv): the first decides whether a cached result is still valid. Segmentation and
+    HEST take no --norm: they normalise with ImageNet's mean and std, as OpenMidnight ran them."""
+    proto = ["--weights", os.path.abspath(args.weights), "--data", os.path.abspath(os.path.join(args.suite,
+             task.folder)), *task.argv, task.runs_flag, str(runs), "--features", args.features,
+             *(["--arch", args.arch] if args.arch else [])]
+    runtime = ["--device", args.device]
+    if task.module in ("eval_probe", "eval_slide"):
+        proto += ["--norm", args.norm]
+        runtime += ["--workers", str(args.workers)]
+    if task.module == "eval_probe":
+        proto += ["--size", str(args.size), "--seed", str(args.seed)]
+        runtime += ["--batch-size", str(args.batch_size), "--cache-dir", os.path.abspath(args.cache_dir)]
+    return proto, runtime
+
+
+def run_task(task, argv):
+    """One evaluation through the contract: its main(argv) returns the results dict with a "headline"."""
+    return importlib.import_module(task.module).main(argv)
+
+
+def present(args, task):
+    folder = os.path.join(args.suite, task.folder)
+    return os.path.isdir(folder) and bool(os.listdir(folder))
+
+
+def run_suite(args):
+    if not os.path.isdir(args.suite):
+        raise SystemExit(f"--suite {args.suite!r} is not a folder: give the root holding bach/, pcam/, ...")
+    unknown = sorted(set(args.tasks or []) - set(KEYS))
+    if unknown:
+        raise SystemExit(f"unknown --tasks {unknown}: choose from {KEYS}")
+    if not os.path.isfile(args.weights):
+        raise SystemExit(f"no checkpoint at {args.weights!r}: give a local weights file")
+    out = args.out or "results_suite"
+    os.makedirs(os.path.join(out, "tasks"), exist_ok=True)
+    weights = weights_signature(args.weights)
+    records = {}
+    for task in COLUMNS:
+        if not present(args, task):
+            records[task.key] = {"status": "absent", "folder": os.path.join(args.suite, task.folder)}
+            continue
+        proto, runtime = task_argv(task, args, 1 if args.quick else task.runs)
+        settings = {"weights": weights, "module": task.module, "argv": proto}
+        path = os.path.join(out, "tasks", task.key + (".quick" if args.quick else "") + ".json")  # quick: beside
+        old = json.load(open(path)) if os.path.exists(path) else None
+        if old and old.get("status") == "ok" and old.get("settings") == settings:
+            print(f"{task.key}: up to date ({path})")
+            records[task.key] = old  # done before with these settings (also when --tasks leaves it out)
+            continue
+        if args.tasks and task.key not in args.tasks:
+            records[task.key] = {"status": "skipped", "reason": "not in --tasks and no up-to-date result"}
+            continue
+        print(f"{task.key}: {task.module} {' '.join(proto[4:])}")
+        t0 = time.time()
+        try:
+            res = run_task(task, proto + runtime + ["--out", path[:-5] + ".results.json"])
+            if not isinstance(res, dict) or "value" not in res.get("headline", {}):
+                raise ValueError(f"{task.module}.main returned no headline (the evaluation-script contract)")
+            rec = {"status": "ok", "results": res}
+        except (Exception, SystemExit) as e:  # one failing task must not stop the others
+            rec = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            print(f"{task.key}: FAILED {rec['error']}")
+        records[task.key] = rec = {**rec, "settings": settings, "seconds": round(time.time() - t0, 1)}
+        eval_probe.save_results(path, rec)
+    tsne = suite_tsne(args, out, weights) if "bach" in records and records["bach"]["status"] == "ok" else None
+    summary = {"settings": {"weights": weights, "suite": os.path.abspath(args.suite), "quick": args.quick,
+                            "tasks": args.tasks, "features": args.features, "norm": args.norm, "size": args.size,
+                            "device": args.device, "columns": [t._asdict() for t in COLUMNS]},
+               "row": {k: r["results"]["headline"]["value"] for k, r in records.items() if r["status"] == "ok"},
+               "tasks": records, "tsne": tsne, "published": PUBLISHED, "footnotes": FOOTNOTES}
+    summary["average"] = float(np.mean(list(summary["row"].values()))) if summary["row"] else None
+    eval_probe.save_results(os.path.join(out, "results.json"), summary)
+    md = results_markdown(summary, args)
+    atomic_write(os.path.join(out, "results.md"), lambda f: f.write(md.encode()))
+    print(md.split("\n\n")[2])
+    print(f"table: {os.path.join(out, 'results.md')}, every figure: {os.path.join(out, 'results.json')}")
+    return summary
+
+
+def suite_tsne(args, out, weights):
+    """BACH's t-SNE map, redrawn only when the weights or feature settings change (features come from the
+    probe's cache); a failure is reported, not raised."""
+    png = args.tsne or os.path.join(out, "tsne_bach.png")
+    record = os.path.join(out, "tasks", "tsne_bach.json")
+    settings = {"weights": weights, "features": args.features, "norm": args.norm, "size": args.size,
+                "png": os.path.abspath(png)}
+    old = json.load(open(record)) if os.path.exists(record) else None
+    if old and old.get("settings") == settings and old.get("status") == "ok" and os.path.exists(png):
+        return old
+    a = copy.copy(args)
+    a.data, a.dataset, a.tsne, a.suite = os.path.join(args.suite, "bach"), "bach", png, None
+    try:
+        rec = {"status": "ok", "results": tsne_command(a)}
+    except (Exception, SystemExit) as e:
+        rec = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        print(f"t-SNE: FAILED {rec['error']}")
+    rec["settings"] = settings
+    eval_probe.save_results(record, rec)
+    return rec
+
+
+def _cell(x):
+    return "" if x is None else f"{x:.3f}"
+
+
+def results_markdown(summary, args):
+    """This model's row (the average over the columns it has, and over the same columns for every row) above
+    the published rows, with footnotes for what failed, what is absent and where each number comes from."""
+    tasks, row = summary["tasks"], summary["row"]
+    notes, marks = [], {}
+    for k, r in tasks.items():
+        if r["status"] == "failed":
+            notes.append(f"{k} failed: {r['error']}")
+            marks[k] = f"failed [{len(FOOTNOTES) + len(notes)}]"
+    absent = [k for k, r in tasks.items() if r["status"] == "absent"]
+    skipped = [k for k, r in tasks.items() if r["status"] == "skipped"]
+    name = os.path.basename(args.weights) + (" (quick: one seed per task)" if args.quick else "")
+    head = ["Model", *[t.header for t in COLUMNS], "Average", f"Avg, same {len(row)} tasks"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = [marks.get(k, _cell(row.get(k))) for k in KEYS]
+    lines.append(f"| **{name}** | " + " | ".join(cells) + f" | {_cell(summary['average'])} ({len(row)}/13) | "
+                 f"{_cell(summary['average'])} |")
+    sources = {}
+    for model, pub in PUBLISHED.items():
+        ref = sources.setdefault(pub["source"], len(sources) + 1 + len(FOOTNOTES) + len(notes))
+        vals = pub["values"]
+        have = [v for v in vals.values() if v is not None]
+        same = [vals[k] for k in row] if row and all(vals[k] is not None for k in row) else None
+        lines.append(f"| {model} [{ref}] | " + " | ".join(_cell(vals[k]) for k in KEYS) +
+                     f" | {_cell(np.mean(have))} ({len(have)}/13) | {_cell(np.mean(same) if same else None)} |")
+    w = summary["settings"]["weights"]
+    text = [f"# Results of `{w['path']}`",
+            f"{time.strftime('%Y-%m-%d %H:%M')}; data {summary['settings']['suite']}; features "
+            f"{args.features}, normalisation {args.norm}, {args.size} px.", "\n".join(lines)]
+    foot = [*FOOTNOTES, *notes, *[s for s in sources]]
+    text.append("\n".join(f"[{i}] {s}" for i, s in enumerate(foot, 1)))
+    text.append(f"Not run: {', '.join(absent) or 'none'} (no data folder under the suite root); "
+                f"{', '.join(skipped) or 'none'} (left out by --tasks). Empty published cells: no value in the source.")
+    if summary.get("tsne") and summary["tsne"]["status"] == "ok":
+        text.append(f"t-SNE of BACH's features: {summary['tsne']['results']['path']}")
+    return "\n\n".join(text) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# exact t-SNE (scikit-learn's TSNE(method="exact") defaults, see the module docstring)
+
+MACHINE_EPSILON = float(np.finfo(np.double).eps)
+TSNE_MAX_POINTS = 10_000
+
+
+def conditional_probabilities(sqdist, perplexity=30.0, rows=None, n_steps=100, tol=1e-5):
+    """p_j|i for rows `rows` of a squared-distance matrix: each row's precision beta found by bisection (doubling
+    or halving while unbounded) until the row's entropy is log(perplexity) within tol nats, as scikit-learn's
+    _binary_search_perplexity (distances rounded to float32 as there). Returns (P rows, their entropies)."""
+    d = sqdist.float().double()
+    n, dev = len(d), d.device
+    rows = torch.arange(n, device=dev) if rows is None else rows.to(dev)
+    self_mask = torch.zeros_like(d, dtype=torch.bool)
+    self_mask[torch.arange(n, device=dev), rows] = True
+    beta, P = torch.ones(n, dtype=d.dtype, device=dev), torch.zeros_like(d)
+    H, lo, hi = torch.zeros_like(beta), torch.full_like(beta, -math.inf), torch.full_like(beta, math.inf)
+    active, target = torch.ones(n, dtype=torch.bool, device=dev), math.log(perplexity)
+    for _ in range(n_steps):
+        p = torch.exp(-d * beta[:, None]).masked_fill(self_mask, 0)
+        s = p.sum(1)
+        s = torch.where(s == 0, torch.full_like(s, 1e-8), s)  # every neighbour underflowed (scikit-learn's guard)
+        entropy = torch.log(s) + beta * (d * p).sum(1) / s
+        P, H = torch.where(active[:, None], p / s[:, None], P), torch.where(active, entropy, H)
+        diff = entropy - target
+        active &= diff.abs() > tol
+        if not active.any():
+            break
+        up, down = active & (diff > 0), active & (diff <= 0)  # too flat: sharpen; too peaked: widen
+        lo, hi = torch.where(up, beta, lo), torch.where(down, beta, hi)
+        beta = torch.where(up, torch.where(hi.isinf(), beta * 2, (beta + hi) / 2), beta)
+        beta = torch.where(down, torch.where(lo.isinf(), beta / 2, (beta + lo) / 2), beta)
+    return P, H
+
+
+def joint_probabilities(x, perplexity=30.0, chunk=1024):
+    """Symmetrised affinities P = (P_cond + P_cond^T) / sum, off-diagonal entries at least machine epsilon,
+    zero diagonal: scikit-learn's _joint_probabilities as a full (N, N) matrix."""
+    x, n = x.double(), len(x)
+    P = torch.empty(n, n, dtype=torch.float64 if n <= 4096 else torch.float32, device=x.device)
+    sq = (x * x).sum(1)
+    for i in range(0, n, chunk):
+        d = (sq[i:i + chunk, None] + sq[None, :] - 2 * x[i:i + chunk] @ x.T).clamp_min(0)
+        rows = torch.arange(i, min(i + chunk, n), device=x.device)
+        d[torch.arange(len(rows), device=x.device), rows] = 0
+        P[i:i + chunk] = conditional_probabilities(d, perplexity, rows)[0].to(P)
+    P = P + P.T
+    P = (P / P.sum().clamp_min(MACHINE_EPSILON)).clamp_min(MACHINE_EPSILON).fill_diagonal_(0)
+    return P
+
+
+def kl_gradient(y, P, exaggeration=1.0, chunk=None, error=True):
+    """KL(P || Q) and its gradient 4 sum_j (p_ij - q_ij)(1 + |y_i - y_j|^2)^-1 (y_i - y_j) for the Student-t Q
+    (one degree of freedom), by row blocks: a first pass for Q's normaliser, a second for the gradient."""
+    n = len(y)
+    chunk = chunk or max(1, (1 << 22) // n)
+    yd = y.to(P.dtype)
+
+    def kernel(i):
+        d = ((yd[i:i + chunk, None, :] - yd[None, :, :]) ** 2).sum(-1)
+        w = 1 / (1 + d)
+        if len(w) == n:
+            return w.fill_diagonal_(0)
+        w[torch.arange(len(w), device=w.device), torch.arange(i, i + len(w), device=w.device)] = 0
+        return w
+
+    blocks = range(0, n, chunk)
+    cached = [kernel(i) for i in blocks] if n * n <= (1 << 24) else None
+    z = sum((cached[b] if cached else kernel(i)).sum() for b, i in enumerate(blocks))
+    grad, kl = torch.empty_like(yd), torch.zeros((), dtype=P.dtype, device=P.device)
+    for b, i in enumerate(blocks):
+        w = cached[b] if cached else kernel(i)
+        q = (w / z).clamp_min(MACHINE_EPSILON)
+        p = P[i:i + chunk] * exaggeration if exaggeration != 1 else P[i:i + chunk]
+        m = (p - q) * w
+        grad[i:i + chunk] = 4 * (m.sum(1, keepdim=True) * yd[i:i + chunk] - m @ yd)
+        if error:
+            kl += (p * torch.log(p.clamp_min(MACHINE_EPSILON) / q)).sum()
+    return float(kl) if error else math.nan, grad
+
+
+def pca_init(x, n_components=2):
+    """The first principal components (signs as scikit-learn's svd_flip on V), scaled so PC1 has std 1e-4."""
+    xc = x.double() - x.double().mean(0)
+    _, _, vh = torch.linalg.svd(xc, full_matrices=False)
+    v = vh[:n_components]
+    v = v * torch.sign(v.gather(1, v.abs().argmax(1, keepdim=True)))
+    y = (xc @ v.T).float()
+    return y / y[:, 0].std(unbiased=False) * 1e-4
+
+
+def tsne(x, perplexity=30.0, max_iter=1000, early_exaggeration=12.0, exploration_iter=250, min_grad_norm=1e-7,
+         n_iter_without_progress=300, check_every=50, progress=False):
+    """2-D t-SNE of features x (N, D) -> (embedding (N, 2) float32, info with the KL history)."""
+    n = len(x)
+    if perplexity >= n:
+        raise ValueError(f"t-SNE with perplexity {perplexity} needs more than {perplexity:g} points, got {n}")
+    P = joint_probabilities(x, perplexity)
+    y = pca_init(x).to(P.device)
+    lr = max(n / early_exaggeration / 4, 50.0)
+    update, gains = torch.zeros_like(y), torch.ones_like(y)
+    history, it, bar = [(0, kl_gradient(y, P)[0])], 0, tqdm(total=max_iter, desc="t-SNE", disable=not progress)
+    for exaggeration, momentum, stop, patience in ((early_exaggeration, 0.5, exploration_iter, exploration_iter),
+                                                   (1.0, 0.8, max_iter, n_iter_without_progress)):
+        best_error, best_iter = math.inf, it
+        for i in range(it, stop):
+            check = (i + 1) % check_every == 0  # the KL is computed only where it is checked
+            kl, grad = kl_gradient(y, P, exaggeration, error=check)
+            grad = grad.float()
+            inc = update * grad < 0  # delta-bar-delta: grow the gain where the step keeps its direction
+            gains = torch.where(inc, gains + 0.2, gains * 0.8).clamp_min(0.01)
+            grad = grad * gains
+            update = momentum * update - lr * grad
+            y = y + update
+            bar.update()
+            if check:
+                history.append((i + 1, kl))
+                bar.set_postfix(kl=f"{kl:.4f}")
+                if kl < best_error:
+                    best_error, best_iter = kl, i
+                elif i - best_iter > patience:
+                    break
+                if float(grad.double().norm()) <= min_grad_norm:
+                    break
+        it = i + 1
+    bar.close()
+    return y.cpu(), {"kl": kl_gradient(y, P)[0], "history": history, "n_iter": it, "learning_rate": lr,
+                     "perplexity": perplexity, "n": n}
+
+
+# -----------------------------------------------------------------------------
+# the figure (pillow): one panel per model, points coloured by class, a legend
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120), (152, 223, 138),
+           (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (219, 219, 141), (158, 218, 229)]
+
+
+def class_colours(n):
+    if n <= len(PALETTE):
+        return PALETTE[:n]
+    import colorsys  # many classes: evenly spaced hues, never grey
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(k / n, 0.75, 0.85)) for k in range(n)]
+
+
+def draw_tsne(panels, labels, classes, out_png, size=560, radius=3):
+    """panels: [(title, (N, 2) coordinates)]; every point a filled disc of its class's colour (drawn in a fixed
+    shuffled order so no class hides another), text and frames in greys only."""
+    colours, font = class_colours(len(classes)), ImageFont.load_default()
+    legend_w, top = 40 + 8 * max(len(str(c)) for c in classes), 28
+    canvas = Image.new("RGB", (len(panels) * size + legend_w, max(size, 20 * len(classes) + 20) + top), "white")
+    draw = ImageDraw.Draw(canvas)
+    order = np.random.default_rng(0).permutation(len(labels))
+    for k, (title, yx) in enumerate(panels):
+        yx = np.asarray(yx, dtype=np.float64)
+        lo, extent, inner = yx.min(0), yx.max(0) - yx.min(0), size - 4 * radius - 16
+        scale = inner / max(float(extent.max()), 1e-12)  # one scale for both axes, the map centred
+        xy = (yx - lo) * scale + (inner - extent * scale) / 2 + 2 * radius + 8 + np.array([k * size, top])
+        draw.rectangle([k * size + 2, top, (k + 1) * size - 3, top + size - 3], outline=(190, 190, 190))
+        draw.text((k * size + 8, 6), title, fill=(0, 0, 0), font=font)
+        for i in order:
+            x0, y0 = xy[i]
+            draw.ellipse([x0 - radius, y0 - radius, x0 + radius, y0 + radius], fill=colours[labels[i]])
+    for c, name in enumerate(classes):
+        x0, y0 = len(panels) * size + 10, top + 10 + 20 * c
+        draw.rectangle([x0, y0, x0 + 12, y0 + 12], fill=colours[c])
+        draw.text((x0 + 18, y0), str(name), fill=(0, 0, 0), font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    atomic_write(out_png, lambda f: canvas.save(f, format="PNG"))
+    return canvas.size
+
+
+def _titles(paths):
+    names = [os.path.basename(p) for p in paths]
+    return names if len(set(names)) == len(names) else [os.path.join(*p.split(os.sep)[-2:]) for p in paths]
+
+
+def tsne_command(args):
+    """--tsne OUT.png: features of every labelled image of --data (all splits; a stratified sample of
+    TSNE_MAX_POINTS if more), one t-SNE per --weights, drawn side by side; OUT.json keeps the coordinates."""
+    weights = args.weights if isinstance(args.weights, list) else [args.weights]
+    splits, classes = eval_probe.LOADERS[args.dataset](args.data, args.seed)
+    splits = {s: items for s, items in splits.items() if items}
+    total = sum(len(v) for v in splits.values())
+    if total == 0:
+        raise SystemExit(f"no labelled images under {args.data!r} for --dataset {args.dataset}")
+    if total > TSNE_MAX_POINTS:  # exact t-SNE is O(N^2): a seeded stratified sample of every split
+        frac = TSNE_MAX_POINTS / total
+        splits = {s: eval_probe.stratified_split(v, (frac, 1 - frac), args.seed)[0] for s, v in splits.items()}
+    panels, infos, labels = [], [], None
+    for w, title in zip(weights, _titles(weights)):
+        a = copy.copy(args)
+        a.weights = w
+        backbone = eval_probe.load_backbone(w, arch=args.arch)
+        feats, _ = eval_probe.cached_features(a, backbone, splits)
+        x = torch.cat([f["x"] for f in feats.values()])
+        y = torch.cat([f["y"] for f in feats.values()]).tolist()
+        if panels and y != labels:
+            raise ValueError("the models read different images of the dataset (unreadable files?)")
+        labels = y
+        emb, info = tsne(x.to(args.device), progress=True)
+        panels.append((title, emb.numpy()))
+        infos.append({"weights": w, **info})
+    size = draw_tsne(panels, labels, classes, args.tsne)
+    res = {"path": args.tsne, "size": size, "classes": classes, "labels": labels, "dataset": args.dataset,
+           "features": args.features, "models": infos, "coordinates": [p[1].tolist() for p in panels]}
+    eval_probe.save_results(os.path.splitext(args.tsne)[0] + ".json", res)
+    print(f"t-SNE of {len(labels)} {args.dataset} images: {args.tsne} (final KL " +
+          ", ".join(f"{i['kl']:.3f}" for i in infos) + ")")
+    return res
+
+
+def make_demo_suite(root, probe=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample_probe")):
+    """A suite root from the bundled slide, to try the table without downloading anything: the demo's probe set
+    (prepare_patches.py --demo: patches read at 0.5, 1 and 2 um/px, the class being the magnification) laid out as
+    BRACS (3 classes, a stratified 60/20/20 split) and as MHIST (0.5 um/px as SSA, 2 um/px as HP, 70/30)."""
+    if not os.path.exists(os.path.join(probe, "DONE")):
+        import prepare_patches
+        prepare_patches.main(["--demo", "--out", os.path.join(root, "store"), "--probe-out", probe])
+    splits, classes = eval_probe.load_imagefolder(probe, 0)
+    for split, items in splits.items():
+        for path, c in items:
+            d = os.path.join(root, "bracs", "BRACS_RoI", "latest_version", split, classes[c])
+            os.makedirs(d, exist_ok=True)
+            Image.open(path).save(os.path.join(d, os.path.basename(path)))
+    os.makedirs(os.path.join(root, "mhist", "images"), exist_ok=True)
+    items = [(p, c) for p, c in sum(splits.values(), []) if classes[c] in ("0.5mpp", "2mpp")]
+    rows = ["Image Name,Majority Vote Label,Number of Annotators who Selected SSA (Out of 7),Partition"]
+    for part, chosen in zip(("train", "test"), eval_probe.stratified_split(items, (0.7, 0.3), 0)):
+        for path, c in chosen:
+            name = f"{classes[c]}_{os.path.basename(path)}"
+            Image.open(path).save(os.path.join(root, "mhist", "images", name))
+            rows.append(f"{name},{'SSA' if classes[c] == '0.5mpp' else 'HP'},0,{part}")
+    open(os.path.join(root, "mhist", "annotations.csv"), "w").write("\n".join(rows) + "\n")
+    return root
+
+
+def main(args):
+    """eval_probe.main hands over here for --suite (the table) and --tsne (the map)."""
+    return run_suite(args) if args.suite else tsne_command(args)
+
+
+if __name__ == "__main__":
+    eval_probe.main(sys.argv[1:])
