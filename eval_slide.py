@@ -1,0 +1,743 @@
+"""
+Slide-level evaluation as eva does it (Camelyon16-small, PANDA-small, or any cohort): patch embeddings of up to N
+foreground patches per slide, then eva's gated ABMIL head trained on the bags (kaiko-ai/eva's offline
+camelyon16_small.yaml and panda_small.yaml).
+
+    python eval_slide.py embed --weights W --slides SLIDES --out EMB [--mpp 0.25] [--max-patches 1000]
+    python eval_slide.py probe --emb EMB --data CAMELYON16_ROOT --dataset camelyon16 [--runs 20] [--out r.json]
+    python eval_slide.py probe --emb EMB --labels labels.csv            # slide_path,label[,split]
+    python eval_slide.py --weights W --data ROOT --dataset panda --out results.json --runs 20   # both steps
+
+embed writes EMB/<slide_id>.pt = {"features": (n, D) fp16, "coords": (n, 2) level-0 x, y, ...} per slide, then
+EMB/manifest.csv (slide_id, path, n_patches, mpp: the slide's level-0 microns per pixel) and EMB/report.json
+(every slide, and why a bad one was skipped). Patches are those of eva's ForegroundGridSampler, with the pixels,
+resize and normalisation of eva's reader. A killed run rerun with the same command skips the finished slides.
+To use the bags elsewhere:
+
+    d = torch.load("EMB/<slide_id>.pt", weights_only=True)   # d["features"] (n, D), d["coords"] (n, 2)
+"""
+import argparse
+import copy
+import csv
+import ctypes
+import glob
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import augment
+import eval_probe
+from model import load_backbone
+from prepare_patches import atomic_write, list_slides
+
+DATASETS = {"camelyon16": dict(mpp=0.25, max_patches=1000), "panda": dict(mpp=0.5, max_patches=200),
+            "csv": dict(mpp=0.25, max_patches=1000)}  # eva's camelyon16_small.yaml, panda_small.yaml
+SEED = 42  # eva's sampler seed, split seed and global seed
+MIN_FOREGROUND = 0.35  # ForegroundGridSampler's min_foreground_ratio
+SATURATION = 20  # get_mask's threshold: a pixel is tissue if its HSV saturation is > 20
+TILE_CACHE = 256 << 20  # bytes of decoded tiles that each reader process keeps per slide
+
+
+# -----------------------------------------------------------------------------
+# which patches: eva's mpp, levels, tissue mask and ForegroundGridSampler
+
+
+def slide_mpp(slide):
+    """Level-0 microns per pixel as eva's OpenSlide backend reads it: the mean of openslide.mpp-x/y, else
+    tiff.X/YResolution in the tiff.ResolutionUnit; raises ValueError if neither is there (never guessed)."""
+    p = slide.properties
+    if p.get("openslide.mpp-x") and p.get("openslide.mpp-y"):
+        return (float(p["openslide.mpp-x"]) + float(p["openslide.mpp-y"])) / 2.0
+    to_um = {"meter": 1e6, "decimeter": 1e5, "centimeter": 1e4, "millimeter": 1e3, "micrometer": 1,
+             "nanometer": 1e-3}
+    if p.get("tiff.XResolution") and p.get("tiff.YResolution") and p.get("tiff.ResolutionUnit"):
+        unit = p["tiff.ResolutionUnit"]
+        if unit not in to_um:  # "inch" is usually a 72-dpi placeholder: eva refuses it too
+            raise ValueError(f"no mpp: tiff.ResolutionUnit {unit!r} is not a length unit eva accepts")
+        return (to_um[unit] / float(p["tiff.XResolution"]) + to_um[unit] / float(p["tiff.YResolution"])) / 2.0
+    raise ValueError("no mpp in the metadata (openslide.mpp-x/y or tiff.XResolution): the slide is skipped")
+
+
+def read_level(mpp0, downsamples, target):
+    """The level eva reads: the largest mpp still <= target, else the finest level."""
+    mpps = mpp0 * np.array(downsamples)
+    below = np.where(mpps > target, 0, mpps)
+    return int(np.argmin(mpps) if below.max() == 0 else np.argmax(below))
+
+
+def mask_level(mpp0, downsamples, target, patch):
+    """The coarsest level where a patch still covers >= 3 x 3 mask pixels (eva's get_mask_level)."""
+    for k, level_mpp in reversed(list(enumerate(mpp0 * np.array(downsamples)))):
+        if int(target / level_mpp * patch) ** 2 >= 9:
+            return k
+    raise ValueError("no level keeps a patch >= 3x3 pixels for the tissue mask")
+
+
+def read_rgb(slide, location, level, size):
+    """read_region as eva's backend post-processes it: RGB, transparent pixels (outside the scan) white. OpenSlide's
+    premultiplied ARGB is read straight into numpy, skipping openslide-python's conversion and PIL's copy; a region
+    with partly transparent pixels (which need un-premultiplying) takes openslide-python's own path."""
+    from openslide import lowlevel
+    (w, h), osr = size, getattr(slide, "_osr", None)
+    if osr is not None and hasattr(lowlevel, "_read_region") and sys.byteorder == "little" and w * h > 0:
+        argb = np.empty((h, w), np.uint32)
+        lowlevel._read_region(osr, argb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), *location, level, w, h)
+        bgra = argb.view(np.uint8).reshape(h, w, 4)
+        clear = bgra[..., 3] == 0
+        if (clear | (bgra[..., 3] == 255)).all():
+            rgb = bgra[..., 2::-1].copy()
+            rgb[clear] = 255
+            return rgb
+    rgba = np.array(slide.read_region(location, level, size))
+    rgba[rgba[..., 3] == 0] = 255
+    return np.ascontiguousarray(rgba[..., :3])
+
+
+# OpenCV's uint8 RGB->HSV saturation is fixed-point: S = (d * round(255 * 2^12 / V) + 2^11) >> 12, d = max - min
+SDIV = np.array([0] + [round((255 << 12) / v) for v in range(1, 256)], dtype=np.int32)
+
+
+def tissue_mask(rgb, threshold=SATURATION):
+    v = rgb.max(-1)
+    saturation = ((v - rgb.min(-1)).astype(np.int32) * SDIV[v] + (1 << 11)) >> 12
+    return (saturation > threshold).astype(np.uint8)
+
+
+def plan_slide(slide, target_mpp, patch, max_patches, seed=SEED):
+    """eva's ForegroundGridSampler on one slide: a level-0 grid of step int(target / mpp0 * patch), listed x-outer
+    and y-inner, shuffled by default_rng(seed); walk it and keep a patch if >= 35% of its mask window is tissue,
+    until max_patches. Returns the coordinates in that order and how eva reads them (level, read size)."""
+    mpp0 = slide_mpp(slide)
+    (W0, H0), ds = slide.level_dimensions[0], slide.level_downsamples
+    step = int(target_mpp / mpp0 * patch)
+    if step > W0 or step > H0:
+        raise ValueError(f"slide ({W0}x{H0} px) smaller than a patch ({step} px at level 0)")
+    k = mask_level(mpp0, ds, target_mpp, patch)
+    mask = tissue_mask(read_rgb(slide, (0, 0), k, slide.level_dimensions[k]))
+    sx, sy = W0 / slide.level_dimensions[k][0], H0 / slide.level_dimensions[k][1]
+    grid = [(x, y) for x in range(0, W0 - step + 1, step) for y in range(0, H0 - step + 1, step)]
+    order = list(range(len(grid)))
+    np.random.default_rng(seed).shuffle(order)
+    w, h = int(step / sx), int(step / sy)
+    coords = []
+    for i in order:
+        if len(coords) >= max_patches:
+            break
+        x, y = grid[i]
+        window = mask[int(y / sy):int(y / sy) + h, int(x / sx):int(x / sx) + w]
+        if window.size and window.sum() / window.size >= MIN_FOREGROUND:
+            coords.append(grid[i])
+    level = read_level(mpp0, ds, target_mpp)
+    return {"coords": np.array(coords, dtype=np.int64).reshape(-1, 2), "mpp": mpp0, "level": level, "step": step,
+            "read_size": int(target_mpp / (mpp0 * ds[level]) * patch), "downsample": float(ds[level])}
+
+
+# -----------------------------------------------------------------------------
+# reading: OpenSlide's pixels in raster order, eva's resize (a uint8 tensor through torchvision's Resize)
+
+
+def reads(plan):
+    """The read_region calls of a plan, in raster order (neighbouring patches share OpenSlide's tile cache):
+    [(level-0 x, y, width, height, [(patch, dx, dy)])]. A run of horizontally adjacent patches is one call when
+    that gives the same pixels: whole-number level coordinates (OpenSlide interpolates fractional ones)."""
+    coords, s, ds, step0 = plan["coords"], plan["read_size"], plan["downsample"], plan["step"]
+    order = sorted(range(len(coords)), key=lambda i: (int(coords[i][1]), int(coords[i][0])))
+    exact = ds == int(ds) and step0 % int(ds) == 0 and s == step0 // int(ds)  # runs tile without gaps or overlap
+    out = []
+    for i in order:
+        x, y = int(coords[i][0]), int(coords[i][1])
+        last = out[-1] if out else None
+        if exact and last and last[1] == y and last[0] + last[2] * int(ds) == x:
+            last[4].append((i, last[2], 0))
+            last[2] += s
+        else:
+            out.append([x, y, s, s, [(i, 0, 0)]])
+    return [tuple(r) for r in out]
+
+
+def resize_like_eva(x, size):
+    """torchvision's v2.Resize(size) + CenterCrop on square uint8 patches (k, 3, s, s), as eva's ResizeAndCrop runs it
+    on a CPU: bilinear with antialias; torchvision keeps uint8 in torch's native kernel on AVX2/AVX512/ARM CPUs and
+    otherwise resizes in float32 and rounds."""
+    if x.shape[-1] == size:
+        return x
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap in ("AVX2", "AVX512") or os.uname().machine in ("aarch64", "arm64"):
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return y.round_().to(torch.uint8)
+
+
+def to_input(patches, size, norm):
+    """HWC uint8 patches -> the backbone's normalised (k, 3, size, size) float32 batch: per patch, as eva's
+    ResizeAndCrop (a contiguous CHW uint8 tensor, Resize, ToDtype(scale) = x * (1/255), Normalize); one patch at
+    a time stays in the CPU cache."""
+    x = torch.empty(len(patches), 3, size, size)
+    for out, p in zip(x, patches):
+        t = resize_like_eva(torch.from_numpy(p).permute(2, 0, 1).contiguous()[None], size)[0]
+        out.copy_(augment.normalize(t.float().mul_(1.0 / 255), *norm))
+    return x
+
+
+class SlideReader(torch.utils.data.IterableDataset):
+    """Worker processes each take whole slides (one OpenSlide handle per worker per slide, opened there) and yield
+    {"slide", "plan"} once, then {"slide", "index", "x"} batches of normalised patches; {"slide", "error"} for a
+    slide that cannot be read."""
+
+    def __init__(self, jobs, target_mpp, patch, max_patches, batch_size, norm):
+        self.jobs, self.target_mpp, self.patch, self.max_patches = jobs, target_mpp, patch, max_patches
+        self.batch_size, self.norm = batch_size, norm
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        for i, path in (self.jobs if info is None else self.jobs[info.id::info.num_workers]):
+            try:
+                yield from self.read_slide(i, path)
+            except Exception as e:  # unreadable, corrupt tile, no mpp, too small: reported, never guessed
+                yield {"slide": i, "error": f"{type(e).__name__}: {e}"}
+
+    def read_slide(self, i, path):
+        import openslide
+        slide = openslide.OpenSlide(path)
+        if hasattr(openslide, "OpenSlideCache"):  # > OpenSlide's 32 MiB: tiles of the previous rows stay decoded
+            slide.set_cache(openslide.OpenSlideCache(TILE_CACHE))
+        try:
+            plan = plan_slide(slide, self.target_mpp, self.patch, self.max_patches)
+            yield {"slide": i, "plan": plan}
+            for index, x in read_patches(slide, plan, self.batch_size, self.patch, self.norm):
+                yield {"slide": i, "index": index, "x": x}
+        finally:
+            slide.close()
+
+
+def read_patches(slide, plan, batch_size, patch, norm):
+    """(indices into the plan, normalised patches) in batches of at most batch_size, read block by block."""
+    s, buf, idx = plan["read_size"], [], []
+    for x, y, w, h, members in reads(plan):
+        region = read_rgb(slide, (x, y), plan["level"], (w, h))
+        for j, dx, dy in members:
+            buf.append(region[dy:dy + s, dx:dx + s])
+            idx.append(j)
+            if len(buf) == batch_size:
+                yield torch.tensor(idx), to_input(buf, patch, norm)
+                buf, idx = [], []
+    if buf:
+        yield torch.tensor(idx), to_input(buf, patch, norm)
+
+
+# -----------------------------------------------------------------------------
+# embed: slides -> EMB/<slide_id>.pt, resumable
+
+
+def slide_id(path):
+    return os.path.splitext(os.path.basename(path))[0]  # eva's wsi_id for Camelyon16 and PANDA
+
+
+def weights_sha1(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"no weights at {path!r}: give a local checkpoint file")
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def embed_settings(args):
+    return {"weights_sha1": weights_sha1(args.weights), "arch": args.arch, "features": args.features,
+            "norm": args.norm, "dtype": args.dtype if str(args.device).startswith("cuda") else "float32",
+            "mpp": args.mpp, "patch": args.patch,
+            "max_patches": args.max_patches,
+            "sampler": f"eva ForegroundGridSampler seed {SEED}, foreground >= {MIN_FOREGROUND}, S > {SATURATION}"}
+
+
+def read_meta(path):
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # features stay on disk
+
+
+def embed_slides(paths, out, args, settings=None):
+    """Embed every slide of `paths` that `out` does not hold yet; returns the report, one entry per slide."""
+    ids = [slide_id(p) for p in paths]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise SystemExit(f"slides share the ids {dup[:10]}: rename them or embed them into separate --out folders")
+    settings = settings or embed_settings(args)
+    os.makedirs(out, exist_ok=True)
+    report, todo = {}, []
+    for path, sid in zip(paths, ids):
+        if not os.path.exists(os.path.join(out, sid + ".pt")):
+            todo.append((path, sid))
+            continue
+        old = read_meta(os.path.join(out, sid + ".pt"))
+        if old["settings"] != settings:
+            diff = {k: (old["settings"].get(k), v) for k, v in settings.items() if old["settings"].get(k) != v}
+            raise SystemExit(f"{out} holds embeddings made with other settings ({sid}: {diff}); use a new --out")
+        report[sid] = {"slide_id": sid, "path": path, "status": "ok", "n_patches": len(old["coords"]),
+                       "note": "finished by an earlier run"}
+    if todo:
+        report.update(run_reader(todo, out, args, settings))
+    report = [report[sid] for sid in sorted(report)]
+    part = f"-part{args.shard_index}-of{args.num_shards}" if getattr(args, "num_shards", 1) > 1 else ""
+    atomic_write(os.path.join(out, f"report{part}.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
+    rows = write_manifest(out, settings)
+    bad = sum(r["status"] != "ok" for r in report)
+    print(f"{out}: {len(rows)} slides in manifest.csv; {bad} of {len(paths)} skipped (see report{part}.json)")
+    return report
+
+
+def run_reader(todo, out, args, settings):
+    """The forward pass in this process, fed by SlideReader workers; each slide's file is written (atomically)
+    as soon as its last batch is embedded."""
+    device = torch.device(args.device)
+    backbone = load_backbone(args.weights, arch=args.arch).eval().to(device)
+    dim = eval_probe.feature_dim(backbone, args.features)
+    reader = SlideReader([(i, p) for i, (p, _) in enumerate(todo)], args.mpp, args.patch, args.max_patches,
+                         args.batch_size, eval_probe.NORMS[args.norm])
+    loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", prefetch_factor=4 if args.workers else None)
+    report, pending, n_patches, t0 = {}, {}, 0, time.time()
+    bar = tqdm(total=len(todo), unit="slide", desc="embed", dynamic_ncols=True)
+    for item in loader:
+        i = item["slide"]
+        path, sid = todo[i]
+        if "error" in item or "plan" in item and len(item["plan"]["coords"]) == 0:
+            pending.pop(i, None)
+            why = item.get("error") or f"no tissue: no grid patch has >= {MIN_FOREGROUND:.0%} foreground"
+            report[sid] = {"slide_id": sid, "path": path, "status": "skipped", "reason": why}
+            tqdm.write(f"skipped {path}: {why}")
+            bar.update()
+            continue
+        if "plan" in item:
+            n = len(item["plan"]["coords"])
+            pending[i] = {**item["plan"], "features": torch.empty(n, dim, dtype=torch.float16), "done": 0,
+                          "t0": time.time()}
+            continue
+        p = pending[i]
+        p["features"][item["index"]] = eval_probe.embed(backbone, item["x"], args.features, args.dtype).half()
+        p["done"] += len(item["index"])
+        n_patches += len(item["index"])
+        bar.set_postfix(patches_per_s=f"{n_patches / max(time.time() - t0, 1e-9):.0f}")
+        if p["done"] < len(p["coords"]):
+            continue
+        del pending[i]
+        if not torch.isfinite(p["features"]).all():  # fp16 overflow or a broken checkpoint: never stored
+            raise SystemExit(f"non-finite features for {path}: check the weights, --norm and --dtype")
+        obj = {"features": p["features"], "coords": torch.as_tensor(p["coords"]), "slide_id": sid, "path": path,
+               **{k: p[k] for k in ("mpp", "level", "read_size", "step")}, "settings": settings}
+        atomic_write(os.path.join(out, sid + ".pt"), lambda f: torch.save(obj, f))
+        report[sid] = {"slide_id": sid, "path": path, "status": "ok", "n_patches": len(p["coords"]),
+                       "seconds": round(time.time() - p["t0"], 2)}
+        bar.update()
+    bar.close()
+    return report
+
+
+def write_manifest(out, settings):
+    """manifest.csv from the per-slide files themselves (those made with `settings`), rewritten atomically."""
+    rows = []
+    for f in sorted(glob.glob(os.path.join(out, "*.pt"))):
+        meta = read_meta(f)
+        if meta.get("settings") == settings:
+            rows.append((meta["slide_id"], meta["path"], len(meta["coords"]), meta["mpp"]))
+    text = "slide_id,path,n_patches,mpp\n" + "".join(f"{s},{p},{n},{m!r}\n" for s, p, n, m in rows)
+    atomic_write(os.path.join(out, "manifest.csv"), lambda f: f.write(text.encode()))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# eva's head: gated ABMIL, its training loop and its metric
+
+
+class ABMIL(nn.Module):
+    """Gated attention MIL (Ilse et al. 2018) as eva builds it: projection to 128, gated attention 128, MLP
+    128 -> 128 -> 64 -> out with ReLU, no dropout. Rows that are all -inf are padding and get zero attention.
+    Layers are created in eva's order, so the same torch seed gives eva's initial weights."""
+
+    def __init__(self, in_dim, n_out, projected=128, attention=128, mlp=(128, 64)):
+        super().__init__()
+        self.projector = nn.Linear(in_dim, projected)
+        self.attention_a = nn.Linear(projected, attention)
+        self.attention_b = nn.Linear(projected, attention)
+        self.attention_c = nn.Linear(attention, 1)
+        layers, prev = [], projected
+        for h in mlp:
+            layers += [nn.Linear(prev, h), nn.ReLU()]
+            prev = h
+        self.classifier = nn.Sequential(*layers, nn.Linear(prev, n_out))
+
+    def forward(self, x):  # x (B, N, D) -> logits (B, n_out)
+        pad = (x == float("-inf")).all(-1, keepdim=True)  # (B, N, 1)
+        h = self.projector(x.masked_fill(pad, 0))
+        a = self.attention_c(torch.tanh(self.attention_a(h)) * torch.sigmoid(self.attention_b(h)))
+        a = a.masked_fill(pad, float("-inf")).softmax(dim=1)
+        return self.classifier((a.transpose(1, 2) @ h).squeeze(1))
+
+
+def eva_predictions(logits, batch_size=32):
+    """Class predictions as eva's metrics make them from the validation/test batches (in dataset order).
+    Binary (one logit): torchmetrics applies the sigmoid only when some value of the batch lies outside [0, 1],
+    then thresholds at 0.5. Multiclass: argmax."""
+    if logits.ndim == 2:
+        return logits.argmax(1).numpy()
+    out = []
+    for b in logits.split(batch_size):
+        p = b if ((b >= 0) & (b <= 1)).all() else b.sigmoid()
+        out.append((p > 0.5).long())
+    return torch.cat(out).numpy()
+
+
+def eva_score(pred, target, n_classes):
+    """eva's monitored and reported metric, in torchmetrics' float32 arithmetic: BinaryBalancedAccuracy
+    0.5 (TPR + TNR) with 0/0 = 0, or macro MulticlassAccuracy (mean recall over the classes that occur in target
+    or prediction)."""
+    pred, target = torch.as_tensor(pred), torch.as_tensor(target)
+    k = torch.arange(n_classes)[:, None]
+    tp = ((pred == k) & (target == k)).sum(1)
+    fp = ((pred == k) & (target != k)).sum(1)
+    fn = ((pred != k) & (target == k)).sum(1)
+    recall = torch.where(tp + fn > 0, tp.float() / (tp + fn).clamp_min(1).float(), torch.tensor(0.0))
+    if n_classes == 2:  # recall of class 1 is TPR, of class 0 is TNR
+        return float(0.5 * (recall[1] + recall[0]))
+    w = (tp + fp + fn > 0).float()
+    return float((w * recall / w.sum()).sum()) if w.sum() > 0 else 0.0
+
+
+class BestOnValidation:
+    """Lightning's ModelCheckpoint(save_top_k=1) and EarlyStopping(min_delta=0, patience) in mode max: an epoch is
+    the new best only if strictly higher than every earlier one (the first always is); stop after `patience`
+    epochs in a row without a new best."""
+
+    def __init__(self, patience):
+        self.best, self.wait, self.patience = -math.inf, 0, patience
+
+    def update(self, score):
+        if score > self.best:
+            self.best, self.wait = score, 0
+            return True
+        self.wait += 1
+        return False
+
+    @property
+    def stop(self):
+        return self.wait >= self.patience
+
+
+@torch.no_grad()
+def predict_logits(head, bags, batch_size=32):
+    head.eval()
+    return torch.cat([head(b.float()).squeeze(-1).float().cpu() for b in bags.split(batch_size)])
+
+
+def fit_abmil(train, val, n_classes, seed, lr=1e-3, weight_decay=0.01, batch_size=32, max_epochs=100, patience=20):
+    """eva's HeadModule fit: AdamW, torch's default ConstantLR (lr / 3 for epochs 0-4, stepped per epoch), shuffled
+    batches of slides, BCE on one logit for two classes (else cross-entropy), validation every epoch, the best
+    validation epoch's head kept. train/val: (bags (S, N, D) with -inf padding rows, labels (S,)) on one device."""
+    (xt, yt), (xv, yv) = train, val
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = ABMIL(xt.shape[-1], 1 if n_classes == 2 else n_classes).to(xt.device)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.ConstantLR(opt)  # eva's hidden default: factor 1/3, total_iters 5
+    select, best_state, history = BestOnValidation(patience), None, []
+    for epoch in range(max_epochs):
+        head.train()
+        lr_now = opt.param_groups[0]["lr"]
+        for idx in torch.randperm(len(yt), generator=g).split(batch_size):
+            idx = idx.to(xt.device)
+            logits = head(xt[idx].float()).squeeze(-1)
+            loss = F.binary_cross_entropy_with_logits(logits, yt[idx].float()) if n_classes == 2 else \
+                F.cross_entropy(logits, yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+        score = eva_score(eva_predictions(predict_logits(head, xv)), yv.cpu(), n_classes)
+        improved = select.update(score)
+        if improved:
+            best_state, best_epoch = copy.deepcopy(head.state_dict()), epoch
+        history.append({"epoch": epoch, "lr": lr_now, "val": score, "best": improved})
+        if select.stop:
+            break
+    head.load_state_dict(best_state)
+    return head, {"best_val_score": select.best, "best_epoch": best_epoch, "epochs": len(history),
+                  "history": history}
+
+
+# -----------------------------------------------------------------------------
+# datasets: [{"id", "path", "label", "split"}] in eva's order, and the class names
+
+
+CAMELYON16_VAL = (  # eva's Camelyon16._val_slides: PatchCamelyon's validation slides
+    [f"normal_{i:03d}" for i in (10, 13, 16, 17, 19, 20, 25, 30, 31, 32, 52, 56, 57, 67, 76, 79, 85, 95, 98, 99, 101,
+                                 102, 105, 106, 109, 129, 132, 137, 142, 143, 148, 152)]
+    + [f"tumor_{i:03d}" for i in (1, 5, 11, 12, 13, 19, 31, 37, 43, 46, 57, 65, 69, 71, 73, 79, 80, 81, 82, 85, 97,
+                                  109)])
+
+
+def eva_stratified_split(labels, ratios, seed=SEED):
+    """eva's stratified_split: one default_rng(seed) for all classes; per class (np.unique order) shuffle its
+    indices and cut floor(r * n) (at least 1) for train, val, test in turn (the rest to the last part when the
+    ratios sum to 1). Returns index lists."""
+    train_r, val_r, test_r = ratios
+    use_all = train_r + val_r + test_r == 1
+    rng = np.random.default_rng(seed)
+    classes, inverse = np.unique(labels, return_inverse=True)
+    parts = ([], [], [])
+    for c in range(len(classes)):
+        idx = np.where(inverse == c)[0]
+        rng.shuffle(idx)
+        n_train = int(np.floor(train_r * len(idx))) or 1
+        n_val = len(idx) - n_train if test_r == 0 and use_all else int(np.floor(val_r * len(idx))) or 1
+        n_test = (len(idx) - n_train - n_val if use_all else int(np.floor(test_r * len(idx))) or 1) if test_r else 0
+        for part, (a, b) in zip(parts, ((0, n_train), (n_train, n_train + n_val),
+                                        (n_train + n_val, n_train + n_val + n_test))):
+            part.extend(int(i) for i in idx[a:b])
+    return parts
+
+
+def _need(*paths):
+    for p in paths:
+        if not os.path.exists(p):
+            raise SystemExit(f"{p} not found: expected the dataset layout as it unpacks (see eval_slide.py --help)")
+
+
+def _mismatch(what, missing, extra, hint):
+    if missing or extra:
+        raise SystemExit(f"{what}: {len(missing)} missing {sorted(missing)[:20]}, {len(extra)} extra "
+                         f"{sorted(extra)[:20]}; {hint}")
+
+
+def load_camelyon16(root, seed=SEED):
+    """training/{normal,tumor}/*.tif (label from the name; eva's 54 validation slides), testing/images/*.tif with
+    labels from testing/reference.csv (id, Normal/Tumor); eva's 216 / 54 / 129 slides."""
+    _need(*(os.path.join(root, d) for d in ("training/normal", "training/tumor", "testing/images",
+                                            "testing/reference.csv")))
+    with open(os.path.join(root, "testing", "reference.csv"), newline="") as f:
+        reference = {r[0]: r[1].lower() for r in csv.reader(f) if r}
+    items = []
+    for path in sorted(glob.glob(os.path.join(root, "training", "*", "*.tif"))):
+        sid = slide_id(path)
+        split = "val" if sid in CAMELYON16_VAL else "train"
+        items.append({"id": sid, "path": path, "label": sid.split("_")[0], "split": split})
+    tests = sorted(glob.glob(os.path.join(root, "testing", "images", "*.tif")))
+    items += [{"id": slide_id(p), "path": p, "label": reference.get(slide_id(p)), "split": "test"} for p in tests]
+    have = {it["id"] for it in items}
+    _mismatch("Camelyon16 validation slides", set(CAMELYON16_VAL) - have, set(),
+              "eva's split needs every one of them")
+    _mismatch("Camelyon16 test images without a row in testing/reference.csv", [],
+              {it["id"] for it in items if it["label"] is None}, "eva labels the test slides from it")
+    bad = [it["id"] for it in items if it["label"] not in ("normal", "tumor")]
+    counts = {s: sum(it["split"] == s for it in items) for s in ("train", "val", "test")}
+    if bad or counts != {"train": 216, "val": 54, "test": 129}:
+        raise SystemExit(f"Camelyon16 under {root}: {counts} slides (eva: 216 / 54 / 129); names that are not "
+                         f"normal_*/tumor_* {bad[:10]}; in reference.csv without an image "
+                         f"{sorted(set(reference) - have)[:10]}")
+    for it in items:
+        it["label"] = ("normal", "tumor").index(it["label"])
+    return items, ["normal", "tumor"]
+
+
+def load_panda(root, seed=SEED, ratios=(0.1, 0.05, 0.05)):
+    """train_images/*.tiff and train_with_noisy_labels.csv (image_id, isup_grade, noise_ratio_10): eva keeps the
+    slides with noise_ratio_10 != 0 and splits them with its seeded stratified split (PANDASmall's ratios)."""
+    table = os.path.join(root, "train_with_noisy_labels.csv")
+    _need(os.path.join(root, "train_images"), table)
+    with open(table, newline="") as f:
+        rows = {r["image_id"]: r for r in csv.DictReader(f)}
+    on_disk = {slide_id(p): p for p in glob.glob(os.path.join(root, "train_images", "*.tiff"))}
+    kept = sorted((i for i, r in rows.items() if float(r["noise_ratio_10"] or "nan") != 0), key=lambda i: i + ".tiff")
+    _mismatch(f"PANDA slides in {root}/train_images", set(kept) - set(on_disk), set(on_disk) - set(rows),
+              "eva uses all 10,616 images of train_with_noisy_labels.csv (the split depends on every kept one)")
+    labels = [int(rows[i]["isup_grade"]) for i in kept]
+    items = []
+    for split, idx in zip(("train", "val", "test"), eva_stratified_split(labels, ratios, seed)):
+        items += [{"id": kept[i], "path": on_disk[kept[i]], "label": labels[i], "split": split} for i in idx]
+    return items, [str(c) for c in range(6)]
+
+
+def load_slide_csv(path, seed=SEED, need_files=True):
+    """slide_path,label[,split] (a header row is optional; paths relative to the CSV). Without a split column:
+    eva's seeded stratified 70 / 15 / 15 split; with train (and test) but no val: 20% of train, stratified."""
+    _need(path)
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+    if rows and rows[0][0].strip().lower() in ("slide_path", "path", "slide"):
+        rows = rows[1:]
+    base = os.path.dirname(os.path.abspath(path))
+    items = [{"id": slide_id(r[0]), "path": os.path.join(base, r[0].strip()), "label": r[1].strip(),
+              "split": r[2].strip() if len(r) > 2 and r[2].strip() else None} for r in rows]
+    missing = [it["path"] for it in items if not os.path.exists(it["path"])]
+    if need_files:
+        _mismatch(f"slides listed in {path}", missing, [], "fix the paths (relative to the CSV's folder)")
+    numeric = all(it["label"].lstrip("-").isdigit() for it in items)  # grades sort as numbers
+    names = sorted({it["label"] for it in items}, key=int if numeric else str)
+    for it in items:
+        it["label"] = names.index(it["label"])
+    splits = {it["split"] for it in items}
+    if splits - {"train", "val", "test", None} or (None in splits and len(splits) > 1):
+        raise SystemExit(f"{path}: the split column must be train, val or test on every row, "
+                         f"got {sorted(map(str, splits))}")
+    if splits == {None} or "val" not in splits:
+        pool = [it for it in items if it["split"] in (None, "train")]
+        ratios = (0.7, 0.15, 0.15) if splits == {None} else (0.8, 0.2, 0.0)
+        parts = eva_stratified_split([it["label"] for it in pool], ratios, seed)
+        for split, idx in zip(("train", "val", "test"), parts):
+            for i in idx:
+                pool[i]["split"] = split
+        items = sorted(items, key=lambda it: ("train", "val", "test").index(it["split"]))
+    return items, names
+
+
+LOADERS = {"camelyon16": load_camelyon16, "panda": load_panda, "csv": load_slide_csv}
+
+
+# -----------------------------------------------------------------------------
+# probe: bags -> ABMIL runs -> results JSON
+
+
+def load_bags(emb, ids, pad_to=0):
+    """(S, N, D) fp16 bags padded with -inf rows (eva's Pad2DTensor) to max(pad_to, longest bag)."""
+    feats = [torch.load(os.path.join(emb, i + ".pt"), map_location="cpu", weights_only=True)["features"] for i in ids]
+    n = max([pad_to] + [len(f) for f in feats])
+    bags = torch.full((len(ids), n, feats[0].shape[1]), float("-inf"), dtype=torch.float16)
+    for b, f in zip(bags, feats):
+        b[:len(f)] = f
+    return bags
+
+
+def probe(emb, items, classes, args, extra_settings=None):
+    device = torch.device(args.device)
+    have = [it for it in items if os.path.exists(os.path.join(emb, it["id"] + ".pt"))]
+    dropped = sorted({it["id"] for it in items} - {it["id"] for it in have})
+    if dropped:  # eva too has no bag for a slide without foreground patches
+        print(f"{len(dropped)} slides have no embeddings in {emb} (see its report.json), left out: {dropped[:10]}")
+    split = {s: [it for it in have if it["split"] == s] for s in ("train", "val", "test")}
+    for s in ("train", "val"):
+        if not split[s]:
+            raise SystemExit(f"no {s} slides with embeddings in {emb}: run embed first, or check --data / --labels")
+    report_split = "test" if split["test"] else "val"
+    meta = read_meta(os.path.join(emb, split["train"][0]["id"] + ".pt"))
+    pad = args.pad or meta["settings"]["max_patches"]
+    data = {s: (load_bags(emb, [it["id"] for it in v], pad).to(device),
+                torch.tensor([it["label"] for it in v]).to(device)) for s, v in split.items() if v}
+    C, runs = len(classes), []
+    for r in tqdm(range(args.runs), desc="ABMIL runs", unit="run"):
+        head, info = fit_abmil(data["train"], data["val"], C, args.seed + r, args.lr, args.weight_decay,
+                               args.mil_batch_size, args.max_epochs, args.patience)
+        pred = eva_predictions(predict_logits(head, data[report_split][0]))
+        target = data[report_split][1].cpu().numpy()
+        runs.append({**eval_probe.metrics(pred, target, C), "eva_score": eva_score(pred, target, C), **info})
+    scores = [run["eva_score"] for run in runs]
+    results = {"settings": {**vars(args), **(extra_settings or {}), "embeddings": emb,
+                            "embedding_settings": meta["settings"], "pad_to": pad, "classes": classes,
+                            "n": {s: len(v) for s, v in split.items()}, "left_out": dropped,
+                            "reported_split": report_split},
+               "abmil": {**eval_probe.summarise(runs), "eva_score": statistics.mean(scores),
+                         "eva_score_stdev": statistics.stdev(scores) if len(scores) > 1 else 0.0},
+               "headline": {"metric": "balanced_accuracy", "value": statistics.mean(scores),
+                            "std": statistics.stdev(scores) if len(scores) > 1 else 0.0, "method": "abmil",
+                            "split": report_split}}
+    if args.out:
+        eval_probe.save_results(args.out, results)
+    h = results["headline"]
+    print(f"ABMIL {report_split} balanced accuracy {h['value']:.4f} +- {h['std']:.4f} over {args.runs} runs "
+          f"(n={len(split[report_split])}) [{args.out}]")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def get_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("embed", "probe", "run", "-h", "--help"):
+        argv = ["run"] + argv  # the evaluation contract: eval_slide.py --weights W --data ROOT --dataset NAME ...
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    cmd = {name: sub.add_parser(name, help=h) for name, h in (
+        ("embed", "slides -> EMB/<slide_id>.pt patch embeddings"), ("probe", "embeddings + labels -> ABMIL results"),
+        ("run", "embed what is missing (cached next to --out), then probe (the default command)"))}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in ("embed", "run"):
+        q = cmd[name]
+        q.add_argument("--weights", required=True, help="backbone checkpoint / export / hub file (local path)")
+        q.add_argument("--arch", default=None, help="override the arch inferred from the weights")
+        q.add_argument("--features", default="cls", choices=eval_probe.FEATURES, help="patch feature (eva: cls)")
+        q.add_argument("--norm", default="imagenet", choices=sorted(eval_probe.NORMS), help="input normalisation")
+        q.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                       help="forward precision on a GPU (eva: float32; bfloat16 uses the tensor cores); float32 on a CPU")
+        q.add_argument("--mpp", type=float, default=0.25 if name == "embed" else None,
+                       help="target microns per pixel (run: the dataset's, 0.25 Camelyon16, 0.5 PANDA)")
+        q.add_argument("--patch", type=int, default=224, help="patch side at the target mpp, in pixels")
+        q.add_argument("--max-patches", type=int, default=1000 if name == "embed" else None,
+                       help="patches per slide at most (run: the dataset's, 1000 Camelyon16, 200 PANDA)")
+        q.add_argument("--batch-size", type=int, default=64, help="patches per forward pass")
+        q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="reader processes")
+    cmd["embed"].add_argument("--slides", required=True, help="a slide, a folder of slides or a text file of paths")
+    cmd["embed"].add_argument("--out", required=True, help="embedding folder EMB")
+    cmd["embed"].add_argument("--num-shards", type=int, default=1, help="split the slide list over machines")
+    cmd["embed"].add_argument("--shard-index", type=int, default=0, help="which part of the slide list this run does")
+    cmd["embed"].add_argument("--device", default=device, help="device of the forward pass")
+    for name in ("probe", "run"):
+        q = cmd[name]
+        q.add_argument("--data", default=None, help="dataset root (Camelyon16, PANDA) or the CSV for --dataset csv")
+        q.add_argument("--dataset", default=None, choices=sorted(LOADERS), help="layout of --data (default csv)")
+        q.add_argument("--labels", default=None, help="slide_path,label[,split] CSV (the same as --dataset csv)")
+        q.add_argument("--runs", type=int, default=20, help="ABMIL heads trained and averaged (eva: 20)")
+        q.add_argument("--out", default=None, help="results JSON")
+        q.add_argument("--device", default=device, help="device of the forward pass and the heads")
+        q.add_argument("--seed", type=int, default=SEED, help="run r initialises and shuffles with seed + r")
+        q.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (eva: 1e-3)")
+        q.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (torch default)")
+        q.add_argument("--mil-batch-size", type=int, default=32, help="slides per batch (eva: 32)")
+        q.add_argument("--max-epochs", type=int, default=100, help="eva: 100")
+        q.add_argument("--patience", type=int, default=20, help="early-stopping epochs (eva: 20)")
+        q.add_argument("--pad", type=int, default=0, help="pad bags to this many rows (default: the max patches)")
+    cmd["probe"].add_argument("--emb", required=True, help="embedding folder written by embed")
+    cmd["run"].add_argument("--cache-dir", default=None, help="embedding cache (default: next to --out)")
+    args = p.parse_args(argv)
+    if args.command in ("probe", "run"):
+        args.dataset = args.dataset or "csv"
+        args.data = args.data or args.labels
+        if not args.data:
+            p.error("give --data ROOT (with --dataset) or --labels labels.csv")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.command == "embed":
+        paths = list_slides(args.slides)
+        if args.num_shards > 1:
+            paths = [s for i, s in enumerate(paths) if i % args.num_shards == args.shard_index]
+        return embed_slides(paths, args.out, args)
+    items, classes = LOADERS[args.dataset](args.data, args.seed, **({"need_files": False}
+                                                                     if args.dataset == "csv" and
+                                                                     args.command == "probe" else {}))
+    if args.command == "probe":
+        return probe(args.emb, items, classes, args)
+    for k, v in DATASETS[args.dataset].items():
+        setattr(args, k, getattr(args, k) or v)
+    args.out = args.out or f"results_slide_{args.dataset}.json"
+    settings = embed_settings(args)
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    cache = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "slide_embeddings",
+                                           f"{args.dataset}-{key}")
+    embed_slides([it["path"] for it in items], cache, args, settings)
+    return probe(cache, items, classes, args, {"embedding_cache": cache})
+
+
+if __name__ == "__main__":
+    main()
