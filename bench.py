@@ -28,6 +28,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import augment
 import data
+import eval_probe
+import eval_slide
 import prepare_patches
 import train
 from model import ARCHS, ViT, autocast, swiglu_hidden
@@ -365,8 +367,6 @@ def bench_slide(argv):
     the first batch on: a ViT-S embedding the patches on the CPU with the reader in one worker process, and the
     ViT-S alone on the same batches."""
     import augment
-    import eval_probe
-    import eval_slide
     import openslide
     import prepare_patches
     from model import ViT
@@ -398,8 +398,8 @@ def bench_slide(argv):
         for x, y in plan["coords"]:
             rgba = np.array(slide.read_region((int(x), int(y)), plan["level"], (s, s)))
             rgba[rgba[..., 3] == 0] = 255
-            t = eval_slide.resize_like_eva(torch.from_numpy(rgba[..., :3]).permute(2, 0, 1).contiguous()[None], 224)
-            batch.append(augment.normalize(t[0].float().mul_(1.0 / 255), *norm))
+            t, _ = eval_probe.resize_and_crop(torch.from_numpy(rgba[..., :3]).permute(2, 0, 1).contiguous(), 224)
+            batch.append(augment.normalize(t.float().mul_(1.0 / 255), *norm))
             if len(batch) == a.batch_size:
                 torch.stack(batch)
                 batch = []

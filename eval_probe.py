@@ -172,9 +172,42 @@ LOADERS = {"imagefolder": load_imagefolder, "csv": load_csv, "bach": load_bach, 
            "breakhis": load_breakhis, "bracs": load_bracs, "gleason": load_gleason, "pcam": load_pcam}
 
 
+# torchvision resizes uint8 images in torch's native uint8 kernel on these CPUs, elsewhere in float32 then rounded
+NATIVE_UINT8_RESIZE = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or \
+    os.uname().machine in ("aarch64", "arm64")
+
+
+def resize(image, size_hw, mask=None):
+    """torchvision's v2.Resize as eva runs it on a CPU: bilinear with antialias on a uint8 (3, H, W) image; nearest
+    on an optional (H, W) mask."""
+    if tuple(image.shape[-2:]) == tuple(size_hw):
+        return image, mask
+    resample = dict(size=list(size_hw), mode="bilinear", align_corners=False, antialias=True)
+    if NATIVE_UINT8_RESIZE:
+        image = F.interpolate(image[None], **resample)[0]
+    else:
+        image = F.interpolate(image[None].float(), **resample)[0].round_().to(torch.uint8)
+    if mask is not None:
+        mask = F.interpolate(mask[None, None].float(), size=list(size_hw), mode="nearest")[0, 0].round().to(mask.dtype)
+    return image, mask
+
+
+def resize_and_crop(image, size=224, mask=None):
+    """eva's ResizeAndCrop on a uint8 (3, H, W) image (and mask): the shorter side to `size`, the longer one to
+    int(size * long / short), then the centre crop at round((H - size) / 2), Python's half-to-even rounding.
+    The one input transform of eva's probes (patch, slide and segmentation tasks)."""
+    h, w = image.shape[-2:]
+    new_long = int(size * max(h, w) / min(h, w))
+    image, mask = resize(image, (size, new_long) if h <= w else (new_long, size), mask)
+    h, w = image.shape[-2:]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    image = image[:, top:top + size, left:left + size]
+    return image, None if mask is None else mask[top:top + size, left:left + size]
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """Resize the shorter side to `size` (bilinear, antialiased), centre-crop, normalise; an unreadable image comes
-    back as None and is counted and skipped by the collate."""
+    """eva's ResizeAndCrop and normalisation of each image; an unreadable image comes back as None and is counted
+    and skipped by the collate."""
 
     def __init__(self, items, size=224, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD):
         self.items, self.size, self.mean, self.std = items, size, mean, std
@@ -185,25 +218,20 @@ class ImageDataset(torch.utils.data.Dataset):
             import h5py
             if item[0] not in self._h5:
                 self._h5[item[0]] = h5py.File(item[0], "r")
-            return Image.fromarray(self._h5[item[0]]["x"][item[1]])
+            return self._h5[item[0]]["x"][item[1]]
         with Image.open(item) as im:
-            return im.convert("RGB")
+            return np.array(im.convert("RGB"))
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
         try:
-            img = self.load(self.items[i][0])
+            rgb = self.load(self.items[i][0])
         except Exception:
             return None, self.items[i][1], i
-        w, h = img.size
-        s = self.size / min(w, h)
-        img = img.resize((max(self.size, round(w * s)), max(self.size, round(h * s))), Image.BILINEAR)
-        left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
-        img = img.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
-        return augment.normalize(x, self.mean, self.std), self.items[i][1], i
+        image, _ = resize_and_crop(torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), self.size)
+        return augment.normalize(image.float().mul_(1.0 / 255), self.mean, self.std), self.items[i][1], i
 
 
 def _collate(batch):

@@ -53,7 +53,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import augment
-from eval_probe import FEATURES, save_results
+from eval_probe import FEATURES, resize, resize_and_crop, save_results
 from model import autocast, load_backbone
 from prepare_patches import atomic_write
 
@@ -68,29 +68,8 @@ SIZE, CONSEP_TILE = 224, 250
 
 
 # -----------------------------------------------------------------------------
-# geometry: torchvision's transforms.v2 on uint8 (3, H, W) images and (H, W) masks
-
-
-def resize(image, mask, size_hw):
-    """Bilinear with antialias on the uint8 image (the same native uint8 kernel torchvision uses on a CPU),
-    nearest on the mask (via float, as torchvision does for integer masks)."""
-    if tuple(image.shape[-2:]) == tuple(size_hw):
-        return image, mask
-    image = F.interpolate(image[None], size=list(size_hw), mode="bilinear", align_corners=False, antialias=True)[0]
-    mask = F.interpolate(mask[None, None].float(), size=list(size_hw), mode="nearest")[0, 0].round().to(mask.dtype)
-    return image, mask
-
-
-def resize_and_crop(image, mask, size=SIZE):
-    """eva's ResizeAndCrop: shorter side to `size` (the longer one truncated, as torchvision), then a centre crop
-    whose offset is round((H - size) / 2) with Python's round-half-to-even."""
-    h, w = image.shape[-2:]
-    short, long = min(h, w), max(h, w)
-    new_long = int(size * long / short)
-    image, mask = resize(image, mask, (size, new_long) if h <= w else (new_long, size))
-    h, w = image.shape[-2:]
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return image[:, top:top + size, left:left + size], mask[top:top + size, left:left + size]
+# geometry: torchvision's transforms.v2 on uint8 (3, H, W) images and (H, W) masks (eval_probe.resize_and_crop is
+# eva's ResizeAndCrop)
 
 
 def random_resized_crop(image, mask, size=SIZE, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -112,7 +91,7 @@ def random_resized_crop(image, mask, size=SIZE, scale=(0.08, 1.0), ratio=(3 / 4,
         elif width / height > max(ratio):
             w = int(round(height * max(ratio)))
         i, j = (height - h) // 2, (width - w) // 2
-    return resize(image[:, i:i + h, j:j + w], mask[i:i + h, j:j + w], (size, size))
+    return resize(image[:, i:i + h, j:j + w], (size, size), mask[i:i + h, j:j + w])
 
 
 def normalize(image_uint8):
@@ -184,7 +163,7 @@ def consep_tiles(image, type_map, size=SIZE, tile=CONSEP_TILE):
     out = []
     for x in range(0, W - tile + 1, tile):
         for y in range(0, H - tile + 1, tile):
-            img, msk = resize_and_crop(image[:, y:y + tile, x:x + tile], mask[y:y + tile, x:x + tile], size)
+            img, msk = resize_and_crop(image[:, y:y + tile, x:x + tile], size, mask[y:y + tile, x:x + tile])
             out.append((img.contiguous(), msk.to(torch.uint8)))
     return out
 
@@ -239,7 +218,7 @@ def load_monusac(root, split, size=SIZE):
         img = read_rgb(p)
         mask = torch.from_numpy(monusac_mask(os.path.splitext(p)[0] + ".xml", img.shape[2], img.shape[1]))
         if split == "val":  # deterministic: resized and centre-cropped once
-            img, mask = resize_and_crop(img, mask, size)
+            img, mask = resize_and_crop(img, size, mask)
         images.append(img.contiguous()), masks.append(mask.contiguous()), names.append(os.path.relpath(p, root))
     return images, masks, names
 

@@ -38,7 +38,7 @@ from tqdm import tqdm
 import augment
 import eval_probe
 from model import load_backbone
-from prepare_patches import atomic_write, list_slides
+from prepare_patches import atomic_write, list_slides, tissue_fraction_map
 
 DATASETS = {"camelyon16": dict(mpp=0.25, max_patches=1000), "panda": dict(mpp=0.5, max_patches=200),
             "csv": dict(mpp=0.25, max_patches=1000)}  # eva's camelyon16_small.yaml, panda_small.yaml
@@ -103,14 +103,10 @@ def read_rgb(slide, location, level, size):
     return np.ascontiguousarray(rgba[..., :3])
 
 
-# OpenCV's uint8 RGB->HSV saturation is fixed-point: S = (d * round(255 * 2^12 / V) + 2^11) >> 12, d = max - min
-SDIV = np.array([0] + [round((255 << 12) / v) for v in range(1, 256)], dtype=np.int32)
-
-
 def tissue_mask(rgb, threshold=SATURATION):
-    v = rgb.max(-1)
-    saturation = ((v - rgb.min(-1)).astype(np.int32) * SDIV[v] + (1 << 11)) >> 12
-    return (saturation > threshold).astype(np.uint8)
+    """eva's get_mask: OpenCV's uint8 HSV saturation above the threshold (prepare_patches' exact OpenCV rule with
+    S >= threshold + 1 and no hue or value bound), as uint8."""
+    return tissue_fraction_map(rgb, (0, threshold + 1, 0)).astype(np.uint8)
 
 
 def plan_slide(slide, target_mpp, patch, max_patches, seed=SEED):
@@ -165,26 +161,13 @@ def reads(plan):
     return [tuple(r) for r in out]
 
 
-def resize_like_eva(x, size):
-    """torchvision's v2.Resize(size) + CenterCrop on square uint8 patches (k, 3, s, s), as eva's ResizeAndCrop runs it
-    on a CPU: bilinear with antialias; torchvision keeps uint8 in torch's native kernel on AVX2/AVX512/ARM CPUs and
-    otherwise resizes in float32 and rounds."""
-    if x.shape[-1] == size:
-        return x
-    cap = torch.backends.cpu.get_cpu_capability()
-    if cap in ("AVX2", "AVX512") or os.uname().machine in ("aarch64", "arm64"):
-        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return y.round_().to(torch.uint8)
-
-
 def to_input(patches, size, norm):
     """HWC uint8 patches -> the backbone's normalised (k, 3, size, size) float32 batch: per patch, as eva's
     ResizeAndCrop (a contiguous CHW uint8 tensor, Resize, ToDtype(scale) = x * (1/255), Normalize); one patch at
     a time stays in the CPU cache."""
     x = torch.empty(len(patches), 3, size, size)
     for out, p in zip(x, patches):
-        t = resize_like_eva(torch.from_numpy(p).permute(2, 0, 1).contiguous()[None], size)[0]
+        t, _ = eval_probe.resize_and_crop(torch.from_numpy(p).permute(2, 0, 1).contiguous(), size)
         out.copy_(augment.normalize(t.float().mul_(1.0 / 255), *norm))
     return x
 

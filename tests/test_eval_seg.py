@@ -228,9 +228,9 @@ def test_resize_and_crop_offsets():
     # the shorter side is already 224: no resize; the crop offset is Python's round(), half to even
     for width, left in ((301, 38), (303, 40), (224, 0)):
         image = torch.arange(width).repeat(3, 224, 1).to(torch.uint8)
-        img, mask = S.resize_and_crop(image, torch.arange(width).repeat(224, 1))
+        img, mask = S.resize_and_crop(image, 224, torch.arange(width).repeat(224, 1))
         assert img.shape == (3, 224, 224) and torch.equal(mask[0], torch.arange(left, left + 224))
-    img, mask = S.resize_and_crop(torch.zeros(3, 300, 500, dtype=torch.uint8), torch.zeros(300, 500))
+    img, mask = S.resize_and_crop(torch.zeros(3, 300, 500, dtype=torch.uint8), 224, torch.zeros(300, 500))
     assert img.shape == (3, 224, 224) and mask.shape == (224, 224)
 
 
@@ -245,7 +245,7 @@ def test_random_resized_crop_shapes_and_seed():
     # scale and ratio 1 on a square: the whole image, resized
     sq, sq_mask = image[:, :90, :90], mask[:90, :90]
     full = S.random_resized_crop(sq, sq_mask, scale=(1, 1), ratio=(1, 1))
-    assert torch.equal(full[1], S.resize(sq, sq_mask, (224, 224))[1])
+    assert torch.equal(full[1], S.resize(sq, (224, 224), sq_mask)[1])
 
 
 def write_consep(root, n_train=2, n_test=1, size=500):

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,3 +206,26 @@ def test_demo_data_is_the_same_wherever_the_slide_lies(tmp_path):
             shard = json.load(f)["shards"][0]["key"]
         outs.append((store / "shards" / (shard + ".bin")).read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_a_fresh_clone_anywhere_logs_the_same_demo_numbers(small_store, tmp_path):
+    # the demo (no --data: its own store and probe set from the bundled slide, then the kNN probe beside the
+    # initial weights) run from two copies of the repository in different folders logs the same numbers
+    logs = []
+    for where in ("one", "deeper/two"):
+        clone = tmp_path / where
+        os.makedirs(clone)
+        for name in os.listdir(ROOT):
+            if name.endswith(".py"):
+                shutil.copy(os.path.join(ROOT, name), clone / name)
+        os.symlink(os.path.join(ROOT, "assets"), clone / "assets")
+        subprocess.run([sys.executable, "train.py", "--steps", "2", "--log-every", "1", "--batch-size", "4",
+                        "--init", os.path.join(small_store, "tiny_backbone.pth"), "--global-size", "56",
+                        "--local-size", "28", "--probe-size", "56"], cwd=clone, check=True, capture_output=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        with open(clone / "runs" / "demo" / "metrics.jsonl") as f:
+            logs.append([{k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "data_time_frac")}
+                         for line in f])
+    assert logs[0] == logs[1]
+    probe = logs[0][-1]["probe"]
+    assert probe["n_test"] == 60 and "initial_weights" in probe  # 20% of the 300-image probe set, and the baseline
