@@ -45,17 +45,28 @@ def _images(folder):
     return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def stratified_split(items, fractions, seed):
-    """Split [(item, label)] into len(fractions) parts with every class split in the same proportions (seeded)."""
-    rng = np.random.default_rng(seed)
-    parts = [[] for _ in fractions]
-    for label in sorted({lab for _, lab in items}):
-        group = [it for it in items if it[1] == label]
-        group = [group[i] for i in rng.permutation(len(group))]
-        bounds = np.round(np.cumsum([0] + list(fractions)) / sum(fractions) * len(group)).astype(int)
-        for p in range(len(fractions)):
-            parts[p] += group[bounds[p]:bounds[p + 1]]
+def stratified_split(labels, ratios, seed=42):
+    """eva's stratified split (its core/data/splitting/stratified.py), wherever a split has to be made: one
+    default_rng(seed) for all classes; per class (sorted) shuffle its indices and cut floor(r n), at least 1, for
+    each part in turn, the last part taking the rest when the ratios sum to exactly 1 (as eva tests it); parts of
+    ratio 0 stay empty. Returns one list of indices per ratio."""
+    rng, labels = np.random.default_rng(seed), np.asarray(labels)
+    parts, last = [[] for _ in ratios], max(i for i, r in enumerate(ratios) if r > 0)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        start = 0
+        for p, r in enumerate(ratios):
+            if r > 0:
+                n = len(idx) - start if p == last and sum(ratios) == 1 else int(np.floor(r * len(idx))) or 1
+                parts[p] += idx[start:start + n].tolist()
+                start += n
     return parts
+
+
+def split_items(items, ratios, seed):
+    """stratified_split of [(item, label)] items: one list of items per ratio."""
+    return [[items[i] for i in part] for part in stratified_split([lab for _, lab in items], ratios, seed)]
 
 
 def load_imagefolder(root, seed):
@@ -66,7 +77,7 @@ def load_imagefolder(root, seed):
         raise SystemExit(f"{root!r} has no class folders: expected root/<class>/* or root/train/<class>/*")
     if not splits:  # a single folder: a seeded stratified train/val/test split
         items = [(f, c) for c, name in enumerate(classes) for f in _images(os.path.join(root, name))]
-        return dict(zip(("train", "val", "test"), stratified_split(items, (0.6, 0.2, 0.2), seed))), classes
+        return dict(zip(("train", "val", "test"), split_items(items, (0.6, 0.2, 0.2), seed))), classes
     out = {}
     for s in splits:
         present = sorted(d for d in os.listdir(os.path.join(root, s)) if os.path.isdir(os.path.join(root, s, d)))
@@ -93,7 +104,7 @@ def load_csv(path, seed):
     classes = sorted({r[1] for r in rows})
     items = [(os.path.join(root, r[0]), classes.index(r[1]), r[2] if len(r) > 2 else None) for r in rows]
     if all(s is None for _, _, s in items):
-        return dict(zip(("train", "val", "test"), stratified_split([i[:2] for i in items], (0.6, 0.2, 0.2), seed))), \
+        return dict(zip(("train", "val", "test"), split_items([i[:2] for i in items], (0.6, 0.2, 0.2), seed))), \
             classes
     return {s: [(p, c) for p, c, sp in items if sp == s] for s in {i[2] for i in items}}, classes
 
@@ -457,7 +468,8 @@ def get_args(argv=None):
     p.add_argument("--dataset", default="imagefolder", choices=sorted(LOADERS))
     p.add_argument("--arch", default=None, help="override the arch inferred from the weights")
     p.add_argument("--features", default="cls", choices=FEATURES, help="cls+mean: Midnight's and Virchow2's 2D-dim")
-    p.add_argument("--norm", default="imagenet", choices=sorted(NORMS), help="input normalisation: imagenet; half = Midnight's 0.5/0.5; hoptimus = H-optimus-0's")
+    p.add_argument("--norm", default="imagenet", choices=sorted(NORMS),
+                   help="input normalisation: imagenet; half = Midnight's 0.5/0.5; hoptimus = H-optimus-0's")
     p.add_argument("--size", type=int, default=224, help="resize shorter side, centre crop")
     p.add_argument("--knn", action="store_true", help="also DINO's weighted kNN (k=20, T=0.07)")
     p.add_argument("--k", type=int, default=20)
@@ -568,7 +580,7 @@ def main(argv=None):
         raise SystemExit(f"no training images found under {args.data!r} for --dataset {args.dataset}")
     made_split = "val" not in splits
     if made_split:  # no validation split: a seeded stratified 20% of train
-        splits["train"], splits["val"] = stratified_split(splits["train"], (0.8, 0.2), args.seed)
+        splits["train"], splits["val"] = split_items(splits["train"], (0.8, 0.2), args.seed)
     check_splits(splits, classes, args.data)
     draws = []  # few-shot sets as positions in the train items, drawn from the labels before any image is read
     if args.few_shot:

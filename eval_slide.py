@@ -468,27 +468,6 @@ CAMELYON16_VAL = (  # eva's Camelyon16._val_slides: PatchCamelyon's validation s
                                   109)])
 
 
-def eva_stratified_split(labels, ratios, seed=SEED):
-    """eva's stratified_split: one default_rng(seed) for all classes; per class (np.unique order) shuffle its
-    indices and cut floor(r * n) (at least 1) for train, val, test in turn (the rest to the last part when the
-    ratios sum to 1). Returns index lists."""
-    train_r, val_r, test_r = ratios
-    use_all = train_r + val_r + test_r == 1
-    rng = np.random.default_rng(seed)
-    classes, inverse = np.unique(labels, return_inverse=True)
-    parts = ([], [], [])
-    for c in range(len(classes)):
-        idx = np.where(inverse == c)[0]
-        rng.shuffle(idx)
-        n_train = int(np.floor(train_r * len(idx))) or 1
-        n_val = len(idx) - n_train if test_r == 0 and use_all else int(np.floor(val_r * len(idx))) or 1
-        n_test = (len(idx) - n_train - n_val if use_all else int(np.floor(test_r * len(idx))) or 1) if test_r else 0
-        for part, (a, b) in zip(parts, ((0, n_train), (n_train, n_train + n_val),
-                                        (n_train + n_val, n_train + n_val + n_test))):
-            part.extend(int(i) for i in idx[a:b])
-    return parts
-
-
 def _need(*paths):
     for p in paths:
         if not os.path.exists(p):
@@ -544,7 +523,7 @@ def load_panda(root, seed=SEED, ratios=(0.1, 0.05, 0.05)):
               "eva uses all 10,616 images of train_with_noisy_labels.csv (the split depends on every kept one)")
     labels = [int(rows[i]["isup_grade"]) for i in kept]
     items = []
-    for split, idx in zip(("train", "val", "test"), eva_stratified_split(labels, ratios, seed)):
+    for split, idx in zip(("train", "val", "test"), eval_probe.stratified_split(labels, ratios, seed)):
         items += [{"id": kept[i], "path": on_disk[kept[i]], "label": labels[i], "split": split} for i in idx]
     return items, [str(c) for c in range(6)]
 
@@ -574,7 +553,7 @@ def load_slide_csv(path, seed=SEED, need_files=True):
     if splits == {None} or "val" not in splits:
         pool = [it for it in items if it["split"] in (None, "train")]
         ratios = (0.7, 0.15, 0.15) if splits == {None} else (0.8, 0.2, 0.0)
-        parts = eva_stratified_split([it["label"] for it in pool], ratios, seed)
+        parts = eval_probe.stratified_split([it["label"] for it in pool], ratios, seed)
         for split, idx in zip(("train", "val", "test"), parts):
             for i in idx:
                 pool[i]["split"] = split
@@ -660,7 +639,7 @@ def get_args(argv=None):
         q.add_argument("--features", default="cls", choices=eval_probe.FEATURES, help="patch feature (eva: cls)")
         q.add_argument("--norm", default="imagenet", choices=sorted(eval_probe.NORMS), help="input normalisation")
         q.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                       help="forward precision on a GPU (eva: float32; bfloat16 uses the tensor cores); float32 on a CPU")
+                       help="forward precision on a GPU (eva: float32; bfloat16 uses the tensor cores); float32 on CPU")
         q.add_argument("--mpp", type=float, default=0.25 if name == "embed" else None,
                        help="target microns per pixel (run: the dataset's, 0.25 Camelyon16, 0.5 PANDA)")
         q.add_argument("--patch", type=int, default=224, help="patch side at the target mpp, in pixels")

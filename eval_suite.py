@@ -440,7 +440,7 @@ def tsne_command(args):
         raise SystemExit(f"no labelled images under {args.data!r} for --dataset {args.dataset}")
     if total > TSNE_MAX_POINTS:  # exact t-SNE is O(N^2): a seeded stratified sample of every split
         frac = TSNE_MAX_POINTS / total
-        splits = {s: eval_probe.stratified_split(v, (frac, 1 - frac), args.seed)[0] for s, v in splits.items()}
+        splits = {s: eval_probe.split_items(v, (frac, 1 - frac), args.seed)[0] for s, v in splits.items()}
     panels, infos, labels = [], [], None
     for w, title in zip(weights, _titles(weights)):
         a = copy.copy(args)
@@ -480,7 +480,7 @@ def make_demo_suite(root, probe=os.path.join(os.path.dirname(os.path.abspath(__f
     os.makedirs(os.path.join(root, "mhist", "images"), exist_ok=True)
     items = [(p, c) for p, c in sum(splits.values(), []) if classes[c] in ("0.5mpp", "2mpp")]
     rows = ["Image Name,Majority Vote Label,Number of Annotators who Selected SSA (Out of 7),Partition"]
-    for part, chosen in zip(("train", "test"), eval_probe.stratified_split(items, (0.7, 0.3), 0)):
+    for part, chosen in zip(("train", "test"), eval_probe.split_items(items, (0.7, 0.3), 0)):
         for path, c in chosen:
             name = f"{classes[c]}_{os.path.basename(path)}"
             Image.open(path).save(os.path.join(root, "mhist", "images", name))

@@ -62,10 +62,10 @@ def test_knn_weighted_vote():
 
 def test_stratified_split_is_seeded_disjoint_and_proportional():
     items = [(f"a{i}", 0) for i in range(50)] + [(f"b{i}", 1) for i in range(20)]
-    tr, va, te = E.stratified_split(items, (0.6, 0.2, 0.2), seed=3)
+    tr, va, te = E.split_items(items, (0.6, 0.2, 0.2), seed=3)
     assert [sum(lab == c for _, lab in part) for part in (tr, va, te) for c in (0, 1)] == [30, 12, 10, 4, 10, 4]
     assert not ({i for i, _ in tr} & {i for i, _ in va}) and len(tr) + len(va) + len(te) == 70
-    assert E.stratified_split(items, (0.6, 0.2, 0.2), seed=3) == [tr, va, te]
+    assert E.split_items(items, (0.6, 0.2, 0.2), seed=3) == [tr, va, te]
 
 
 def touch(path):
