@@ -469,8 +469,7 @@ def make_demo_suite(root, probe=os.path.join(os.path.dirname(os.path.abspath(__f
     (prepare_patches.py --demo: patches read at 0.5, 1 and 2 um/px, the class being the magnification) laid out as
     BRACS (3 classes, a stratified 60/20/20 split) and as MHIST (0.5 um/px as SSA, 2 um/px as HP, 70/30)."""
     if not os.path.exists(os.path.join(probe, "DONE")):
-        import prepare_patches
-        prepare_patches.main(["--demo", "--out", os.path.join(root, "store"), "--probe-out", probe])
+        raise SystemExit(f"no demo probe set at {probe}: make it with python prepare_patches.py --demo")
     splits, classes = eval_probe.load_imagefolder(probe, 0)
     for split, items in splits.items():
         for path, c in items:

@@ -621,6 +621,12 @@ def open_store(args, master, world):
     return store
 
 
+def augment_config(args):
+    return replace(augment.AugmentConfig(), global_size=args.global_size, local_size=args.local_size,
+                   n_local_crops=args.n_local_crops, hed_prob=args.hed_prob, hed_range=args.hed_range,
+                   mean=augment.NORMS[args.norm][0], std=augment.NORMS[args.norm][1])
+
+
 def describe_run(args, world, n_patches):
     global_batch = args.batch_size * world
     print(json.dumps(vars(args), indent=1, sort_keys=True))
@@ -716,9 +722,7 @@ def main(argv=None):
     master = rank == 0
     lock = lock_run_dir(args.out) if master else None
     store = open_store(args, master, world)
-    aug_cfg = replace(augment.AugmentConfig(), global_size=args.global_size, local_size=args.local_size,
-                      n_local_crops=args.n_local_crops, hed_prob=args.hed_prob, hed_range=args.hed_range,
-                      mean=augment.NORMS[args.norm][0], std=augment.NORMS[args.norm][1])
+    aug_cfg = augment_config(args)
     # 2. build the student, the teacher and the optimizer; 3. resume from the newest readable checkpoint
     st = build_state(args, device, rank, world, local)
     resume(st, args, master)
@@ -738,11 +742,8 @@ def main(argv=None):
             if master:
                 log.data_time += time.time() - t0
             out, sched, finite = train_step(st, batch, args)  # the step, skipped if anything is non-finite
-            bad_in_a_row = 0 if finite else bad_in_a_row + 1
-            if not finite:
-                report_bad_step(out, batch, st, bad_in_a_row, args)
-            logging = st.step % args.log_every == 0 or st.step == args.steps  # every rank joins the all-reduce
-            if logging:
+            bad_in_a_row = 0 if finite else report_bad_step(out, batch, st, bad_in_a_row + 1, args)
+            if st.step % args.log_every == 0 or st.step == args.steps:  # every rank joins the all-reduce
                 metrics = reduce_metrics(out, world)
                 if master:
                     write_metrics(log, metrics, sched, st, args, world, bar)
@@ -771,12 +772,14 @@ def main(argv=None):
 
 
 def report_bad_step(out, batch, st, bad_in_a_row, args):
+    """Name the non-finite terms and the batch's patches; stop after --max-bad-steps in a row."""
     bad = [k for k, v in out.items() if not torch.isfinite(v).all()]
     tqdm.write(f"step {st.step}: non-finite {bad} on patches {batch['index'][:8].tolist()} (store indices); "
                f"step skipped ({bad_in_a_row} in a row)")
     if bad_in_a_row >= args.max_bad_steps:
         raise SystemExit(f"{bad_in_a_row} non-finite steps in a row ({bad}): lower --base-lr, check --teacher-temp "
                          "(<= 0.07) and the data (blank or constant patches), or resume from an earlier checkpoint")
+    return bad_in_a_row
 
 
 def write_metrics(log, metrics, sched, st, args, world, bar):

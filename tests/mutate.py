@@ -70,7 +70,7 @@ BREAKS = [
     ("masks: token weights uniform", "augment.py",
      '"masks_weight": (1.0 / counts.clamp(min=1))', '"masks_weight": (1.0 + 0 * counts.clamp(min=1))',
      [AUG, SCIENCE]),
-    ("masks: mask token after the pos-embed", "model.py",
+    ("model: pos-embed not added", "model.py",
      "x = x + self.interpolate_pos_encoding(x, H, W)", "x = x + 0 * self.interpolate_pos_encoding(x, H, W)", [MODEL]),
     # -- colour ops -------------------------------------------------------------------------------------------------
     ("colour: HED jitter removed", "augment.py",

@@ -95,6 +95,29 @@ def test_parameter_groups_decay_and_lr_multipliers():
         "ibot_head.last_layer.weight_v"}
 
 
+def test_one_step_clips_each_part_and_moves_the_teacher_by_ema(small_store, tmp_path):
+    # after a step: each part's gradient norm is at most --clip-grad, and teacher = m teacher + (1 - m) student
+    # with the scheduled momentum, for every parameter (by hand, from copies taken before the step)
+    args = train.parse_args(tiny_train_args(small_store, tmp_path, "--clip-grad", 0.01, "--momentum-teacher", 0.9,
+                                            "--steps", 100))
+    st = train.build_state(args, torch.device("cpu"))
+    loader = data.make_loader(data.PatchStore(small_store), args.batch_size, train.augment_config(args), workers=0,
+                              patch_size=args.patch_size)
+    batch = train.prepare_batch(next(iter(loader)), args, torch.device("cpu"), train.augment_config(args))
+    st.step = 5
+    teacher_before = [p.clone() for p in st.teacher.parameters()]
+    out, sched, finite = train.train_step(st, batch, args)
+    assert finite and sched["momentum"] < 1
+    for name in ("backbone", "dino_head", "ibot_head"):
+        assert out[f"grad_norm_{name}"] > 0.01  # the raw norm, above the clip
+        grads = [p.grad for p in getattr(st.student, name).parameters() if p.grad is not None]
+        assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 0.01 * (1 + 1e-5)
+    m = sched["momentum"]
+    for t0, t1, s in zip(teacher_before, st.teacher.parameters(), st.student.parameters()):
+        assert torch.allclose(t1, m * t0 + (1 - m) * s, atol=1e-6)
+    assert st.step == 6
+
+
 def test_stop_at_step_k_and_resume_reproduces_the_uninterrupted_run(small_store, tmp_path):
     train.main(tiny_train_args(small_store, tmp_path / "a", "--steps", 5))
     train.main(tiny_train_args(small_store, tmp_path / "b", "--steps", 2, "--schedule-steps", 5))
