@@ -104,10 +104,10 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
 class InfiniteSampler(torch.utils.data.Sampler):
     """Yields (epoch, store index, global sample number) forever. Global sample s belongs to epoch s // n and is item
-    s % n of that epoch's permutation (seeded by seed and epoch). Step t's global batch is samples [tG, (t+1)G), G = world x B,
-    and rank r takes the r-th block of B of it: the ranks' parts of every epoch are disjoint and cover it, the
-    global batch does not depend on the number of ranks, and `start` (this rank's samples already consumed,
-    = steps x B) resumes the exact sequence."""
+    s % n of that epoch's permutation (seeded by seed and epoch). Step t's global batch is samples [tG, (t+1)G),
+    G = world x B, and rank r takes the r-th block of B of it: the ranks' parts of every epoch are disjoint and
+    cover it, the global batch does not depend on the number of ranks, and `start` (this rank's samples already
+    consumed, = steps x B) resumes the exact sequence."""
 
     def __init__(self, n, batch_size, rank=0, world_size=1, seed=0, start=0):
         if n == 0:

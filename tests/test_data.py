@@ -167,7 +167,8 @@ def test_kill_and_rerun_gives_the_same_store(tmp_path):
                             stderr=subprocess.DEVNULL)
     shards = tmp_path / "killed" / "shards"
     deadline = time.time() + 60
-    while time.time() < deadline and not (shards.exists() and any(f.name.endswith(".idx.npz") for f in shards.iterdir())):
+    while time.time() < deadline and not (shards.exists() and
+                                          any(f.name.endswith(".idx.npz") for f in shards.iterdir())):
         time.sleep(0.01)
     proc.kill()
     proc.wait()

@@ -12,10 +12,12 @@ RECIPE = os.path.join(ROOT, "RECIPE.md")
 
 # a numbered heading: "## 4. Losses", "### 4.5 KDE regulariser"
 HEADING = re.compile(r"^#{2,4} (\d+(?:\.\d+)*)[. ]", re.M)
-# "recipe.md §4.5", "RECIPE.md §0, §8", "recipe.md §10.1 and §10.2": the file name, then one or more section numbers
+# "recipe.md §4.5", "RECIPE.md §0, §8", "recipe.md §10.1 and §10.2": the file name, then one or more section
+# numbers
 CITATION = re.compile(r"\brecipe\.md((?:\s*(?:,|;|/|and)?\s*§\s?\d+(?:\.\d+)*)+)", re.I)
 SECTION = re.compile(r"§\s?(\d+(?:\.\d+)*)")
-# a code location is a whole backticked span: `train.py:get_args_parser`, `model.py:ViT.forward`, `eval_probe.py:PATIENCE`
+# a code location is a whole backticked span: `train.py:get_args_parser`, `model.py:ViT.forward`,
+# `eval_probe.py:PATIENCE`
 LOCATION = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*\.py):([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?)`")
 
 
@@ -157,4 +159,5 @@ def test_checkers_report_made_up_references():
     assert [b.split(" ")[0] for b in bad] == ["train.py:no_such_function_xyz", "model.py:ViT.no_such_method",
                                              "nosuchfile.py:main", "loss.py:kde_loss.inner"]
     # the location pattern does not pick up other backticked text
-    assert LOCATION.findall("`python train.py --preset demo` `ssl_meta_arch.py` `vitg14_reg4.yaml: optim.base_lr`") == []
+    assert LOCATION.findall("`python train.py --preset demo` `ssl_meta_arch.py` "
+                            "`vitg14_reg4.yaml: optim.base_lr`") == []

@@ -238,7 +238,8 @@ def test_analytic_flop_count():
 def test_bench_memory_prediction_counts_the_fixed_part_and_measures_activations():
     import bench
     tiny = ["--preset", "vits", "--global-size", "56", "--local-size", "28", "--n-local-crops", "2",
-            "--n-prototypes", "256", "--head-hidden", "64", "--dino-head-bottleneck", "32", "--ibot-head-bottleneck", "24",
+            "--n-prototypes", "256", "--head-hidden", "64", "--dino-head-bottleneck", "32",
+            "--ibot-head-bottleneck", "24",
             "--batch-size", "40"]
     out = {mode: bench.bench_memory(tiny + ["--recompute", mode, "--drop-path", "0.4"])
            for mode in ("none", "selective", "full")}
