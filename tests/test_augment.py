@@ -242,6 +242,34 @@ def test_mask_statistics_match_dinov2():
     assert 67 < np.mean(counts) < 72 and min(counts) >= 20 and max(counts) <= 115
 
 
+def test_mask_ratios_are_stratified_and_masked_crops_shuffled():
+    # stratified: the i-th masked crop draws its ratio from the i-th of 48 equal bins, so a batch's mean masked
+    # count hardly varies (independent draws over [0.1, 0.45] would give a std of 256 x 0.35 / sqrt(12 x 48) = 3.7
+    # cells); shuffled: which of the 96 crops (rows [g1 of all; g2 of all]) are masked changes from batch to batch
+    g = gen(1)
+    batches = torch.stack([A.sample_masks(96, generator=g) for _ in range(40)])  # (40, 96, 256)
+    counts = batches.sum(-1).double()
+    batch_means = counts.sum(1) / 48
+    assert batch_means.std() < 1.5
+    masked = counts > 0
+    assert masked.any(0).all() and (~masked).any(0).all()  # every crop position masked in some batch, not all
+    assert 0.35 < masked[:, :48].double().mean() < 0.65  # g1 rows as often as g2 rows
+
+
+def test_block_mask_rectangles_keep_the_aspect_range():
+    # each rectangle's aspect h / w is drawn log-uniform in [0.3, 1 / 0.3] (then rounded): single-rectangle masks
+    # never come out more elongated than ~1:4, and both orientations occur
+    g, aspects = gen(2), []
+    for _ in range(1000):
+        m = A.block_mask(12, generator=g)
+        rows, cols = np.nonzero(m)
+        h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        if h * w == m.sum():  # one rectangle
+            aspects.append(h / w)
+    assert len(aspects) > 100 and max(max(a, 1 / a) for a in aspects) <= 4.0
+    assert min(aspects) < 0.5 and max(aspects) > 2.0
+
+
 def test_collate_orders_crops_and_builds_mask_tensors(patch):
     samples = []
     for i in range(3):
