@@ -179,6 +179,8 @@ def test_colour_parameters_follow_the_recipes_probabilities_and_ranges():
         assert abs(p[key].double().mean() - prob) < 4 * math.sqrt(prob * (1 - prob) / n), key
     off = p["hed_offsets"]
     assert off.abs().max() <= 0.05 and off.min() < -0.049 and off.max() > 0.049 and abs(off.mean()) < 0.002
+    corr = np.corrcoef(off.T.numpy())  # one independent offset per stain (H, E, D)
+    assert np.abs(corr[np.triu_indices(3, 1)]).max() < 0.05
     orders = {tuple(o) for o in p["jitter_order"].tolist()}
     counts = np.bincount([int("".join(map(str, o)), 4) for o in p["jitter_order"].tolist()], minlength=256)
     assert len(orders) == 24 and counts[counts > 0].min() > n / 24 * 0.85
