@@ -35,7 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import augment
 import eval_probe
 from model import load_backbone
 from prepare_patches import atomic_write, list_slides, tissue_fraction_map
