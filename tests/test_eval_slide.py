@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import augment
 import eval_slide as E
 import model as M
 
@@ -118,7 +119,7 @@ def eva_patch(slide, plan, x, y, size):
     t = torch.from_numpy(rgba[..., :3]).permute(2, 0, 1).contiguous()[None]
     if plan["read_size"] != size:
         t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return E.augment.normalize(t[0].float().mul_(1 / 255), *NORM)
+    return augment.normalize(t[0].float().mul_(1 / 255), *NORM)
 
 
 @pytest.mark.parametrize("target", [0.9, 1.0, 1.05])
