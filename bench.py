@@ -218,8 +218,9 @@ def bench_memory(argv):
     ~3.5 GB in the recipe) come on top."""
 
     def own_flags(p):
-        p.add_argument("--measure-batches", type=int, nargs=2, default=(5, 10),
-                       help="multiples of 5 keep drop path 0.4's kept fraction (0.6) exact")
+        p.add_argument("--measure-batches", type=prepare_patches.bounded(int, 2), nargs=2, default=(5, 10),
+                       help="two batches (>= 2: the KDE term needs two images); multiples of 5 keep drop path "
+                       "0.4's kept fraction (0.6) exact")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
         p.add_argument("--world-size", type=int, default=8, help="GPUs that share AdamW's moments with --zero 1")
     argv = argv if "--recompute" in argv else ["--recompute", "selective", *argv]
@@ -239,7 +240,9 @@ def bench_memory(argv):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 terms, _ = train.compute_losses(student, student, batch, sched, args, None)
             loss = sum(terms.values())
-        held[B] = sum(e.self_cpu_memory_usage for e in prof.events())  # net bytes still allocated
+        # net bytes still allocated: the raw '[memory]' records sum to what prof.events() reports, without the
+        # seconds it spends building the op tree
+        held[B] = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
         del loss, terms
     (b1, h1), (b2, h2) = held.items()
     per_image = (h2 - h1) / (b2 - b1)
@@ -445,12 +448,16 @@ def bench_slide(argv):
     return out
 
 
-if __name__ == "__main__":
+def main(argv):
     benches = {"step": bench_step, "aug": bench_aug, "data": bench_data, "forward": bench_forward,
                "memory": bench_memory, "slide": bench_slide}
-    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        sys.exit(0)
-    if sys.argv[1] not in benches:
-        sys.exit(f"unknown benchmark {sys.argv[1]!r}; choose one of {', '.join(benches)} (python bench.py --help)")
-    benches[sys.argv[1]](sys.argv[2:])
+        return
+    if argv[0] not in benches:
+        sys.exit(f"unknown benchmark {argv[0]!r}; choose one of {', '.join(benches)} (python bench.py --help)")
+    benches[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -246,7 +246,8 @@ def test_bench_memory_prediction_counts_the_fixed_part_and_measures_activations(
     student, teacher = train.build_models(train.parse_args(tiny))
     n = sum(p.numel() for p in student.parameters())
     assert out["full"]["fixed_gib"] * 2 ** 30 == 4 * (4 * n + n)  # fp32 weights, grads, 2 AdamW moments; teacher
-    zero = bench.bench_memory(tiny + ["--recompute", "full", "--zero", "1", "--world-size", "4"])
+    zero = bench.bench_memory(tiny + ["--recompute", "full", "--zero", "1", "--world-size", "4",
+                                      "--measure-batches", "2", "3"])  # only its fixed part is checked
     assert zero["fixed_gib"] * 2 ** 30 == 4 * (2 * n + 2 * n / 4 + n)  # each of 4 ranks keeps 1/4 of the moments
     per_image = {mode: o["activations_gib_per_image"] * 2 ** 30 for mode, o in out.items()}
     # 'full' keeps each block's input only: 2 x 21 + 2 x 9 tokens per image, 12 blocks, D 384, and bf16 because
