@@ -540,26 +540,28 @@ def file_key(item):
 
 
 def cached_features(args, backbone, splits):
-    """Features per split, cached on disk keyed by the weights file, the data items and the feature settings."""
+    """Features per split, each cached on disk keyed by the weights file, the split's items and the feature
+    settings: a split shared by two tasks (PCam's val and test, by PCam and PCam 10-shot) is embedded once."""
     st = os.stat(args.weights)
-    key = hashlib.sha1(json.dumps([os.path.abspath(args.weights), st.st_size, st.st_mtime, args.arch,
-                                   args.dataset, {s: [file_key(i) for i, _ in v] for s, v in splits.items()},
-                                   args.features, args.norm, args.size]).encode()).hexdigest()[:16]
-    path = os.path.join(args.cache_dir, key + ".pt")
-    if os.path.exists(path):
-        print(f"features from cache {path}")
-        return torch.load(path, weights_only=True), path
+    setting = [os.path.abspath(args.weights), st.st_size, st.st_mtime, args.arch, args.dataset, args.features,
+               args.norm, args.size]
     norm = NORMS[args.norm]
-    feats = {}
+    feats, paths = {}, {}
     for split, items in splits.items():
+        key = hashlib.sha1(json.dumps(setting + [[file_key(i) for i, _ in items]]).encode()).hexdigest()[:16]
+        paths[split] = path = os.path.join(args.cache_dir, key + ".pt")
+        if os.path.exists(path):
+            print(f"{split}: features from cache {path}")
+            feats[split] = torch.load(path, weights_only=True)
+            continue
         x, y, bad = extract_features(backbone, items, args.size, args.features, args.device, args.batch_size,
                                      args.workers, norm, progress=True)
         feats[split] = {"x": x, "y": y, "unreadable": [str(items[i][0]) for i in bad]}
         if bad:
             print(f"{split}: skipped {len(bad)} unreadable images, e.g. {items[bad[0]][0]}")
-    os.makedirs(args.cache_dir, exist_ok=True)
-    atomic_write(path, lambda f: torch.save(feats, f))
-    return feats, path
+        os.makedirs(args.cache_dir, exist_ok=True)
+        atomic_write(path, lambda f: torch.save(feats[split], f))
+    return feats, paths
 
 
 def main(argv=None):

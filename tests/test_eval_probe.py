@@ -142,7 +142,7 @@ def test_cli_end_to_end_with_cache_and_corrupt_image(image_folder, hub_weights, 
         assert 0 <= saved[method]["balanced_accuracy"] <= 1
     assert res["linear"]["balanced_accuracy"] > 0.9  # colour is easy even for random features
     assert sum(saved["settings"]["unreadable"].values()) == 1  # the corrupt file: reported and skipped
-    assert len(os.listdir(tmp_path / "cache")) == 1
+    assert len(os.listdir(tmp_path / "cache")) == 3  # one file per split
 
     def no_extraction(*a, **k):
         raise AssertionError("features should have come from the cache")
@@ -150,6 +150,19 @@ def test_cli_end_to_end_with_cache_and_corrupt_image(image_folder, hub_weights, 
     monkeypatch.setattr(E, "extract_features", no_extraction)
     again = E.main(argv + ["--no-linear"])
     assert again["knn"] == res["knn"]
+
+
+def test_a_split_shared_by_two_tasks_is_embedded_once(image_folder, hub_weights, tmp_path, monkeypatch):
+    # as PCam and PCam 10-shot: the few-shot task embeds only its drawn train images, and reuses val and test
+    path, _ = hub_weights
+    argv = ["--weights", str(path), "--data", str(image_folder), "--size", "56", "--max-steps", "20",
+            "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "--out", str(tmp_path / "r.json")]
+    E.main(argv)
+    embedded, extract = [], E.extract_features
+    monkeypatch.setattr(E, "extract_features", lambda m, items, *a, **k: embedded.append(items) or extract(
+        m, items, *a, **k))
+    E.main(argv + ["--no-linear", "--few-shot", "2", "--few-shot-draws", "1", "--few-shot-draw", "same"])
+    assert len(embedded) == 1 and len(embedded[0]) == 4  # 2 shots x 2 classes of train; val and test from cache
 
 
 def test_every_checkpoint_layout_gives_the_same_features(image_folder, hub_weights, tmp_path):
