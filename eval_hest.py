@@ -276,17 +276,19 @@ def summarise_task(fold_r, genes):
 
 
 def sample_features(backbone, patches_path, args):
-    """(n, D) float32 features of one sample's patches in file order: ToTensor, ImageNet Normalize, no resize."""
+    """(n, D) float32 features of one sample's patches in file order: ToTensor, Normalize (HEST: ImageNet's), no
+    resize."""
     ws, ps = os.stat(args.weights), os.stat(patches_path)
     key = hashlib.sha1(json.dumps([os.path.abspath(args.weights), ws.st_size, ws.st_mtime, args.arch, args.features,
-                                   args.dtype, os.path.abspath(patches_path), ps.st_size, ps.st_mtime]).encode())
+                                   args.dtype, args.norm, os.path.abspath(patches_path), ps.st_size, ps.st_mtime]).encode())
     path = os.path.join(args.cache_dir, f"{os.path.basename(patches_path)}.{key.hexdigest()[:16]}.npy")
     if os.path.exists(path):
         return np.load(path)
     feats = []
     for imgs in tqdm(patch_batches(patches_path, args.batch_size), desc=os.path.basename(patches_path), leave=False):
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
-        feats.append(eval_probe.embed(backbone, augment.normalize(x), args.features, args.dtype))
+        feats.append(eval_probe.embed(backbone, augment.normalize(x, *augment.NORMS[args.norm]), args.features,
+                                     args.dtype))
     feats = torch.cat(feats).numpy()
     os.makedirs(args.cache_dir, exist_ok=True)
     atomic_write(path, lambda f: np.save(f, feats), size_hint=feats.nbytes)
@@ -310,6 +312,8 @@ def get_args(argv=None):
     p.add_argument("--tasks", nargs="+", help=f"task folders (default: those of {TASKS} present; ccRCC, LUAD work)")
     p.add_argument("--out", default="results_hest.json", help="results JSON")
     p.add_argument("--features", default="cls", choices=eval_probe.FEATURES, help="the patch feature (HEST: cls)")
+    p.add_argument("--norm", default="imagenet", choices=sorted(augment.NORMS),
+                   help="input normalisation of the backbone (HEST and OpenMidnight: imagenet)")
     p.add_argument("--arch", default=None, help="override the arch inferred from the weights")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="GPU precision (OM: float32)")
     p.add_argument("--latent-dim", type=int, default=LATENT_DIM, help="PCA dimensions (HEST: 256)")

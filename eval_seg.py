@@ -94,9 +94,10 @@ def random_resized_crop(image, mask, size=SIZE, scale=(0.08, 1.0), ratio=(3 / 4,
     return resize(image[:, i:i + h, j:j + w], (size, size), mask[i:i + h, j:j + w])
 
 
-def normalize(image_uint8):
-    """ToDtype(float32, scale=True) (x * (1/255)) then ImageNet's Normalize, as eva's transforms."""
-    return augment.normalize(image_uint8.float().mul_(1.0 / 255), augment.IMAGENET_MEAN, augment.IMAGENET_STD)
+def normalize(image_uint8, norm="imagenet"):
+    """ToDtype(float32, scale=True) (x * (1/255)) then Normalize with the backbone's statistics (eva's configs and
+    OpenMidnight: ImageNet's); the decoder sees the same normalised image."""
+    return augment.normalize(image_uint8.float().mul_(1.0 / 255), *augment.NORMS[norm])
 
 
 # -----------------------------------------------------------------------------
@@ -327,7 +328,7 @@ def cached_features(args, backbone, data, splits):
              if f.lower().endswith((".png", ".mat", ".tif", ".xml"))]
     st = os.stat(args.weights)
     key = hashlib.sha1(json.dumps([os.path.abspath(args.weights), st.st_size, st.st_mtime, args.arch, args.dataset,
-                                   splits, files, args.precision, args.size]).encode()).hexdigest()[:16]
+                                   splits, files, args.precision, args.size, args.norm]).encode()).hexdigest()[:16]
     path = os.path.join(args.cache_dir, f"seg_{args.dataset}_{key}.pt")
     if os.path.exists(path):
         print(f"features from cache {path}")
@@ -337,7 +338,7 @@ def cached_features(args, backbone, data, splits):
         images, masks, _ = data[split]
         feats = []
         for i in tqdm(range(0, len(images), args.batch_size), desc=f"features {split}", leave=False):
-            x = normalize(torch.stack(images[i:i + args.batch_size])).to(args.device)
+            x = normalize(torch.stack(images[i:i + args.batch_size]), args.norm).to(args.device)
             feats.append(patch_features(backbone, x, args.precision).cpu())
         out[split] = (torch.cat(feats), torch.stack(images), torch.stack(masks))
     os.makedirs(args.cache_dir, exist_ok=True)
@@ -352,7 +353,7 @@ def validate(decoder, val, args, ignore_index):
     decoder.eval()
     score = DiceScore(N_CLASSES, ignore_index, args.mask_ambiguous)
     for i in range(0, len(masks), args.batch_size):
-        logits = decoder(feats[i:i + args.batch_size], normalize(images[i:i + args.batch_size]))
+        logits = decoder(feats[i:i + args.batch_size], normalize(images[i:i + args.batch_size], args.norm))
         score.update(logits.argmax(1), masks[i:i + args.batch_size].long())
     return score.compute()
 
@@ -364,7 +365,7 @@ def cached_batches(train, args, seed):
 
     def batches():
         for idx in torch.randperm(len(masks), generator=g).to(masks.device).split(args.batch_size):
-            yield normalize(images[idx]), feats[idx], masks[idx].long()
+            yield normalize(images[idx], args.norm), feats[idx], masks[idx].long()
     return batches
 
 
@@ -377,7 +378,7 @@ def online_batches(crops, backbone, args, seed):
 
     def batches():
         for img, mask in loader:
-            x = normalize(img.to(args.device, non_blocking=True))
+            x = normalize(img.to(args.device, non_blocking=True), args.norm)
             yield x, patch_features(backbone, x, args.precision), mask.to(args.device, non_blocking=True)
     return batches
 
@@ -442,6 +443,8 @@ def get_args(argv=None):
                    help="encoder precision (eva: float32; bfloat16 is faster on a GPU)")
     p.add_argument("--arch", default=None, help="override the arch inferred from the weights")
     p.add_argument("--features", default="cls", choices=FEATURES, help="ignored: segmentation uses the token map")
+    p.add_argument("--norm", default="imagenet", choices=sorted(augment.NORMS),
+                   help="input normalisation of the backbone (eva and OpenMidnight: imagenet)")
     p.add_argument("--cache-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                                                        "feature_cache"), help="cached features")
     p.add_argument("--workers", type=int, default=4, help="MoNuSAC crop workers (eva: 4)")

@@ -108,14 +108,12 @@ def weights_signature(path):
 
 
 def task_argv(task, args, runs):
-    """(protocol argv, run-time argv): the first decides whether a cached result is still valid. Segmentation and
-    HEST take no --norm: they normalise with ImageNet's mean and std, as OpenMidnight ran them."""
+    """(protocol argv, run-time argv): the first decides whether a cached result is still valid."""
     proto = ["--weights", os.path.abspath(args.weights), "--data", os.path.abspath(os.path.join(args.suite,
-             task.folder)), *task.argv, task.runs_flag, str(runs), "--features", args.features,
+             task.folder)), *task.argv, task.runs_flag, str(runs), "--features", args.features, "--norm", args.norm,
              *(["--arch", args.arch] if args.arch else [])]
     runtime = ["--device", args.device]
     if task.module in ("eval_probe", "eval_slide"):
-        proto += ["--norm", args.norm]
         runtime += ["--workers", str(args.workers)]
     if task.module == "eval_probe":
         proto += ["--size", str(args.size), "--seed", str(args.seed)]

@@ -246,6 +246,12 @@ def test_main_on_a_tiny_hest_tree(tmp_path, capsys):
                                             [f"S{s}_{i}" for i in range(20)], [f"GENE{i}" for i in range(6)])))
     r = H.probe_fold(np.concatenate(x[:2]), np.concatenate(y[:2]), x[2], y[2], latent_dim=8)
     np.testing.assert_allclose([task["genes"][f"GENE{i}"]["folds"][0] for i in range(6)], r, atol=1e-6)
+    # another model's normalisation reaches the encoder: (x / 255 - 0.5) / 0.5
+    half = H.get_args(args + ["--norm", "half", "--cache-dir", str(tmp_path / "cache_half")])
+    p0 = os.path.join(root, "IDC", "patches", "S0.h5")
+    imgs = torch.from_numpy(np.concatenate(list(H.patch_batches(p0, 100)))).permute(0, 3, 1, 2)
+    np.testing.assert_allclose(H.sample_features(backbone, p0, half), E.embed(backbone, imgs / 127.5 - 1).numpy(),
+                               atol=1e-5)
     # features come back from the per-file cache: same numbers
     assert len(os.listdir(tmp_path / "cache")) == 6
     again = H.main(args + ["--tasks", "idc", "LUAD"])  # the paper's names reach the same folders

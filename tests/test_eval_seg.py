@@ -1,5 +1,6 @@
 """eval_seg.py: decoder, Dice loss and MonaiDiceScore by hand and against MONAI, the polygon fill against
 scikit-image, CoNSeP's tiling, both dataset layouts, and a short end-to-end run."""
+import glob
 import json
 import math
 import os
@@ -362,6 +363,15 @@ def test_main_consep_end_to_end(tmp_path, tiny_weights, capsys):
     again = S.main(args[:7] + ["1"] + args[8:] + ["--out", str(tmp_path / "r2.json")])  # 1 run, from the cache
     assert "features from cache" in capsys.readouterr().out
     assert again["decoder"]["runs"][0]["dice"] == pytest.approx(runs[0]["dice"], abs=1e-6)  # same seed, same run
+    # another model's normalisation: the encoder's features are computed anew, from (x / 255 - 0.5) / 0.5
+    cached = torch.load(glob.glob(str(tmp_path / "cache" / "*.pt"))[0], weights_only=True)
+    S.main(args[:7] + ["1"] + args[8:] + ["--norm", "half", "--out", str(tmp_path / "r3.json")])
+    assert "features from cache" not in capsys.readouterr().out
+    half = torch.load(max(glob.glob(str(tmp_path / "cache" / "*.pt")), key=os.path.getmtime), weights_only=True)
+    backbone = M.load_backbone(tiny_weights).eval()
+    images = half["val"][1]
+    torch.testing.assert_close(half["val"][0], S.patch_features(backbone, images.float() / 127.5 - 1, "float32"))
+    assert not torch.allclose(half["val"][0], cached["val"][0])
 
 
 @pytest.mark.filterwarnings(HEADS_WARNING)

@@ -132,6 +132,7 @@ def test_every_column_argv_parses_with_its_script(weights, tmp_path):
         proto, runtime = S.task_argv(task, args, task.runs)
         parsed = script.get_args(proto + runtime + ["--out", str(tmp_path / "r.json")])
         assert parsed.dataset == task.argv[1] and parsed.data.endswith(os.sep + task.folder)
+        assert parsed.norm == "half"  # the model's normalisation reaches every protocol
         assert getattr(parsed, task.runs_flag.lstrip("-").replace("-", "_")) == task.runs
 
 
