@@ -17,7 +17,6 @@ Layout: <root>/<TASK>/{patches/<id>.h5, adata/<id>.h5ad, var_50genes.json, split
 """
 import argparse
 import csv
-import hashlib
 import json
 import os
 import sys
@@ -278,10 +277,9 @@ def summarise_task(fold_r, genes):
 def sample_features(backbone, patches_path, args):
     """(n, D) float32 features of one sample's patches in file order: ToTensor, Normalize (HEST: ImageNet's), no
     resize."""
-    ws, ps = os.stat(args.weights), os.stat(patches_path)
-    key = hashlib.sha1(json.dumps([os.path.abspath(args.weights), ws.st_size, ws.st_mtime, args.arch, args.features,
-                                   args.dtype, args.norm, os.path.abspath(patches_path), ps.st_size, ps.st_mtime]).encode())
-    path = os.path.join(args.cache_dir, f"{os.path.basename(patches_path)}.{key.hexdigest()[:16]}.npy")
+    key = eval_probe.cache_key(eval_probe.file_key(os.path.abspath(args.weights)), args.arch, args.features,
+                               args.dtype, args.norm, eval_probe.file_key(os.path.abspath(patches_path)))
+    path = os.path.join(args.cache_dir, f"{os.path.basename(patches_path)}.{key}.npy")
     if os.path.exists(path):
         return np.load(path)
     feats = []

@@ -539,16 +539,19 @@ def file_key(item):
         return [str(item)]
 
 
+def cache_key(*parts):
+    """16 hex digits naming a cache file: a hash of everything the cached result depends on (files by file_key)."""
+    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
+
+
 def cached_features(args, backbone, splits):
     """Features per split, each cached on disk keyed by the weights file, the split's items and the feature
     settings: a split shared by two tasks (PCam's val and test, by PCam and PCam 10-shot) is embedded once."""
-    st = os.stat(args.weights)
-    setting = [os.path.abspath(args.weights), st.st_size, st.st_mtime, args.arch, args.dataset, args.features,
-               args.norm, args.size]
+    setting = [file_key(os.path.abspath(args.weights)), args.arch, args.dataset, args.features, args.norm, args.size]
     norm = NORMS[args.norm]
     feats, paths = {}, {}
     for split, items in splits.items():
-        key = hashlib.sha1(json.dumps(setting + [[file_key(i) for i, _ in items]]).encode()).hexdigest()[:16]
+        key = cache_key(*setting, [file_key(i) for i, _ in items])
         paths[split] = path = os.path.join(args.cache_dir, key + ".pt")
         if os.path.exists(path):
             print(f"{split}: features from cache {path}")

@@ -36,8 +36,6 @@ float32 as in eva (Lightning's default); --precision bfloat16 is faster and not 
 """
 import argparse
 import glob
-import hashlib
-import json
 import math
 import os
 import statistics
@@ -53,7 +51,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import augment
-from eval_probe import FEATURES, resize, resize_and_crop, save_results
+from eval_probe import FEATURES, cache_key, file_key, resize, resize_and_crop, save_results
 from model import autocast, load_backbone
 from prepare_patches import atomic_write
 
@@ -323,12 +321,10 @@ class RandomCrops(torch.utils.data.Dataset):
 def cached_features(args, backbone, data, splits):
     """{split: (features (n, D, 16, 16) float32, images uint8, masks uint8)} for the deterministic splits, computed
     once and kept on disk, keyed by the weights file, the data files and the settings that change features."""
-    files = [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f))
-             for f in sorted(glob.glob(os.path.join(args.data, "**", "*"), recursive=True))
+    files = [file_key(os.path.abspath(f)) for f in sorted(glob.glob(os.path.join(args.data, "**", "*"), recursive=True))
              if f.lower().endswith((".png", ".mat", ".tif", ".xml"))]
-    st = os.stat(args.weights)
-    key = hashlib.sha1(json.dumps([os.path.abspath(args.weights), st.st_size, st.st_mtime, args.arch, args.dataset,
-                                   splits, files, args.precision, args.size, args.norm]).encode()).hexdigest()[:16]
+    key = cache_key(file_key(os.path.abspath(args.weights)), args.arch, args.dataset, splits, files, args.precision,
+                    args.size, args.norm)
     path = os.path.join(args.cache_dir, f"seg_{args.dataset}_{key}.pt")
     if os.path.exists(path):
         print(f"features from cache {path}")
