@@ -364,14 +364,15 @@ def bench_forward(argv):
 
 def bench_slide(argv):
     """eval_slide.py's patch reader on the sample slide, in patches/s. Per core (this process's CPU time), given
-    the slide's plan (eva's sampler, the same for both and once per slide, timed apart): our reader (OpenSlide's
-    pixels straight into RGB planes, patches in raster order, the normalisation in place per batch) and eva's
-    path (openslide-python's read_region and np.array per patch in the sampler's shuffled order, the same resize
-    and normalisation, the collate). Twice: with the whole (small) slide's tiles decoded in OpenSlide's cache, and
-    as on a real slide, which is far larger than any cache (a 0.25 um/px Camelyon16 slide decodes to tens of GB):
-    each pass opens the slide afresh with the same cache of two rows of tiles for both readers. On the wall clock,
-    from the first batch on: a ViT-S embedding the patches on the CPU with the reader in one worker process, and
-    the ViT-S alone on the same batches."""
+    the slide's plan (eva's sampler, the same for all and once per slide, timed apart): our reader as SlideReader
+    runs it (JPEG tiles decoded here, each once, checked against OpenSlide on the first patch, patches in raster
+    order, the normalisation in place per batch), our reader through OpenSlide alone (--openslide-only: the path
+    of slides not stored as JPEG tiles), and eva's path (openslide-python's read_region and np.array per patch in
+    the sampler's shuffled order, the same resize and normalisation, the collate). Twice: with the whole (small)
+    slide's tiles decoded in OpenSlide's cache, and as on a real slide, which is far larger than any cache (a 0.25
+    um/px Camelyon16 slide decodes to tens of GB): each pass opens the slide afresh with the same cache of two rows
+    of tiles for all readers. On the wall clock, from the first batch on: a ViT-S embedding the patches on the CPU
+    with the reader in one worker process, and the ViT-S alone on the same batches."""
     p = argparse.ArgumentParser(prog="bench.py slide", description=bench_slide.__doc__)
     p.add_argument("--mpp", type=float, default=0.513,
                    help="0.513 on the 0.499-mpp sample reads 230 px resized to 224, as Camelyon16 at 0.25 mpp")
@@ -392,11 +393,16 @@ def bench_slide(argv):
     out = {"patches_per_pass": len(plan["coords"]), "read_size": plan["read_size"], "cold_cache_bytes": two_rows,
            "plan_cpu_s_per_slide": round(time.process_time() - t0, 3)}
 
-    def ours(s):
+    def ours(s, tiles):  # opened (and checked) per pass when cold, kept with its decoded tiles when warm
+        tiles = tiles or eval_slide.open_tiles(path, s, plan, cache_bytes=two_rows)
+        for _ in eval_slide.read_patches(s, plan, a.batch_size, 224, norm, tiles):
+            pass
+
+    def ours_openslide(s, tiles):
         for _ in eval_slide.read_patches(s, plan, a.batch_size, 224, norm):
             pass
 
-    def eva(s):  # eva's WsiDataset item: read_region, np.array, alpha -> white, to_image, ResizeAndCrop; collate
+    def eva(s, tiles):  # eva's WsiDataset item: read_region, np.array, alpha -> white, to_image, ResizeAndCrop; collate
         batch, size = [], plan["read_size"]
         for x, y in plan["coords"]:
             rgba = np.array(s.read_region((int(x), int(y)), plan["level"], (size, size)))
@@ -410,20 +416,25 @@ def bench_slide(argv):
     def cold():
         s = openslide.OpenSlide(path)
         s.set_cache(openslide.OpenSlideCache(two_rows))
-        return s
+        return s, None
 
-    for cache, handle in (("warm", lambda: slide), ("cold", cold)):
-        for name, fn in (("ours", ours), ("eva", eva)):
-            fn(handle())  # warm-up
-            seconds = 0.0
-            for _ in range(a.passes):
+    readers = (("ours", ours), ("ours_openslide", ours_openslide), ("eva", eva))
+    warm = slide, eval_slide.open_tiles(path, slide, plan)
+    for cache, handle in (("warm", lambda: warm), ("cold", cold)):
+        seconds = dict.fromkeys(dict(readers), 0.0)
+        for name, fn in readers:
+            fn(*handle())  # warm-up
+        for _ in range(a.passes):  # the readers in turn, so that this machine's drifts hit them alike
+            for name, fn in readers:
                 s = handle()
                 t0 = time.process_time()
-                fn(s)
-                seconds += time.process_time() - t0
-            out[f"reader_{name}_{cache}_patches_per_s_per_core"] = round(a.passes * len(plan["coords"]) / seconds, 1)
-        out[f"reader_speedup_{cache}"] = round(out[f"reader_ours_{cache}_patches_per_s_per_core"] /
-                                               out[f"reader_eva_{cache}_patches_per_s_per_core"], 2)
+                fn(*s)
+                seconds[name] += time.process_time() - t0
+        for name in seconds:
+            out[f"reader_{name}_{cache}_patches_per_s_per_core"] = round(a.passes * len(plan["coords"]) /
+                                                                         seconds[name], 1)
+        for name in ("ours", "ours_openslide"):
+            out[f"reader_speedup_{name}_{cache}"] = round(seconds["eva"] / seconds[name], 2)
     torch.set_num_threads(a.threads)
     vit = ViT("vit_small", img_size=224, num_register_tokens=0).eval()
     eval_probe.embed(vit, torch.randn(2, 3, 224, 224))

@@ -22,6 +22,7 @@ import csv
 import ctypes
 import glob
 import hashlib
+import io
 import json
 import math
 import os
@@ -83,27 +84,26 @@ def mask_level(mpp0, downsamples, target, patch):
 
 
 def read_rgb(slide, location, level, size):
-    """read_region as eva's backend post-processes it, as a contiguous (3, h, w) uint8 RGB tensor: transparent
-    pixels (outside the scan) white. OpenSlide's premultiplied ARGB (bytes B, G, R, A) is read straight into
-    memory and gathered into RGB planes in one pass, skipping openslide-python's conversion, PIL's copy and the
-    HWC -> CHW copy; a region with partly transparent pixels (which need un-premultiplying) takes
-    openslide-python's own path."""
+    """read_region as eva's backend post-processes it, as an (h, w, 3) uint8 RGB array: transparent pixels
+    (outside the scan) white. OpenSlide's premultiplied ARGB (bytes B, G, R, A) is read straight into memory and
+    reordered by numpy, skipping openslide-python's conversion and PIL's copy; a region with partly transparent
+    pixels (which need un-premultiplying) takes openslide-python's own path."""
     from openslide import lowlevel
     (w, h), osr = size, getattr(slide, "_osr", None)
     if osr is not None and hasattr(lowlevel, "_read_region") and sys.byteorder == "little" and w * h > 0:
         argb = np.empty((h, w), np.uint32)
         lowlevel._read_region(osr, argb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), *location, level, w, h)
-        bgra = torch.from_numpy(argb.view(np.uint8).reshape(h, w, 4)).permute(2, 0, 1)
-        alpha = bgra[3]
+        bgra = argb.view(np.uint8).reshape(h, w, 4)
+        alpha = bgra[..., 3]
         if alpha.min() == 255:  # the usual case: all inside the scan
-            return bgra[[2, 1, 0]]
+            return bgra[..., [2, 1, 0]]
         if ((alpha == 0) | (alpha == 255)).all():
-            rgb = bgra[[2, 1, 0]]
-            rgb[:, alpha == 0] = 255
+            rgb = bgra[..., [2, 1, 0]]
+            rgb[alpha == 0] = 255
             return rgb
     rgba = np.array(slide.read_region(location, level, size))
     rgba[rgba[..., 3] == 0] = 255
-    return torch.from_numpy(rgba[..., :3]).permute(2, 0, 1).contiguous()
+    return np.ascontiguousarray(rgba[..., :3])
 
 
 def tissue_mask(rgb, threshold=SATURATION):
@@ -122,7 +122,7 @@ def plan_slide(slide, target_mpp, patch, max_patches, seed=SEED):
     if step > W0 or step > H0:
         raise ValueError(f"slide ({W0}x{H0} px) smaller than a patch ({step} px at level 0)")
     k = mask_level(mpp0, ds, target_mpp, patch)
-    mask = tissue_mask(read_rgb(slide, (0, 0), k, slide.level_dimensions[k]).permute(1, 2, 0).numpy())
+    mask = tissue_mask(read_rgb(slide, (0, 0), k, slide.level_dimensions[k]))
     sx, sy = W0 / slide.level_dimensions[k][0], H0 / slide.level_dimensions[k][1]
     grid = [(x, y) for x in range(0, W0 - step + 1, step) for y in range(0, H0 - step + 1, step)]
     order = list(range(len(grid)))
@@ -146,32 +146,122 @@ def plan_slide(slide, target_mpp, patch, max_patches, seed=SEED):
 
 
 def raster_order(plan):
-    """The plan's patches in raster order: neighbouring patches share the tiles in OpenSlide's cache, so each tile
-    is decoded about once (eva's shuffled order decodes a tile for every patch that touches it on a real slide,
-    far larger than any cache)."""
+    """The plan's patches in raster order: neighbouring patches share tiles, so each tile is decoded about once
+    (eva's shuffled order decodes a tile for every patch that touches it on a real slide, far larger than any
+    cache)."""
     return sorted(range(len(plan["coords"])), key=lambda i: (int(plan["coords"][i][1]), int(plan["coords"][i][0])))
 
 
+class JpegTiles:
+    """Level 0 of a tiled JPEG TIFF (Aperio .svs, Camelyon16's and PANDA's TIFFs) decoded here: each tile once by
+    Pillow's libjpeg-turbo, kept decoded, patches cropped from it in numpy. OpenSlide decodes the same tiles, then
+    composites every pixel through cairo, about 20-35 ns a pixel on this CPU even for tiles already in its cache.
+    open_tiles checks a slide's first patch against OpenSlide's read_region before anything is read this way."""
+
+    def __init__(self, path, width, height, cache_bytes=TILE_CACHE):
+        from PIL import Image
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # only the TIFF's tags are read here
+        try:
+            with Image.open(path) as im:
+                for k in range(getattr(im, "n_frames", 1)):
+                    im.seek(k)
+                    tags = dict(im.tag_v2)
+                    if im.size == (width, height) and 322 in tags:  # the tiled directory of level 0
+                        break
+                else:
+                    raise ValueError("no tiled directory of level 0's size")
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+        # tags 259 compression (7: JPEG), 277 samples, 258 bits, 284 planar (1: interleaved), 262 photometric
+        # (2: RGB, 6: YCbCr)
+        if (tags.get(259), tags.get(277), tuple(tags.get(258, ())), tags.get(284, 1)) != (7, 3, (8, 8, 8), 1) \
+                or tags.get(262) not in (2, 6):
+            raise ValueError("level 0 is not 8-bit RGB JPEG tiles")
+        self.width, self.height, self.tile_w, self.tile_h = width, height, tags[322], tags[323]
+        self.offsets, self.counts = tags[324], tags[325]
+        # tiles are abbreviated JPEG streams: the shared tables (tag 347) go in after their SOI marker; an Adobe
+        # APP14 marker with transform 0 tells libjpeg that RGB-photometric tiles hold RGB, not YCbCr, as libtiff does
+        tables = bytes(tags.get(347, b"\xff\xd8\xff\xd9"))[2:-2]
+        rgb = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00" if tags[262] == 2 else b""
+        self.header, self.file, self.cache, self.cache_bytes = rgb + tables, open(path, "rb"), {}, cache_bytes
+
+    def tile(self, k):
+        from PIL import Image
+        if k in self.cache:
+            self.cache[k] = self.cache.pop(k)  # the newest again: the cache drops the least recently used
+        else:
+            self.file.seek(self.offsets[k])
+            data = self.file.read(self.counts[k])
+            with Image.open(io.BytesIO(data[:2] + self.header + data[2:])) as im:
+                if (im.mode, im.size) != ("RGB", (self.tile_w, self.tile_h)):
+                    raise ValueError(f"tile {k} decodes to {im.mode} {im.size}")
+                t = np.frombuffer(im.tobytes("raw", "RGBX"), np.uint8).reshape(self.tile_h, self.tile_w, 4)
+            while self.cache and (len(self.cache) + 1) * t.nbytes > self.cache_bytes:
+                del self.cache[next(iter(self.cache))]
+            self.cache[k] = t
+        return self.cache[k]
+
+    def region(self, x, y, w, h):
+        """The (h, w, 4) RGBX pixels at level-0 (x, y) (X: a fourth byte, which makes torch's resize fastest); the
+        region lies inside the level."""
+        out = np.empty((h, w, 4), np.uint8)
+        across = -(-self.width // self.tile_w)
+        for ty in range(y // self.tile_h, (y + h - 1) // self.tile_h + 1):
+            for tx in range(x // self.tile_w, (x + w - 1) // self.tile_w + 1):
+                x0, y0 = max(x, tx * self.tile_w), max(y, ty * self.tile_h)
+                x1, y1 = min(x + w, (tx + 1) * self.tile_w), min(y + h, (ty + 1) * self.tile_h)
+                t = self.tile(ty * across + tx)
+                out[y0 - y:y1 - y, x0 - x:x1 - x] = t[y0 - ty * self.tile_h:y1 - ty * self.tile_h,
+                                                      x0 - tx * self.tile_w:x1 - tx * self.tile_w]
+        return out
+
+    def close(self):
+        self.file.close()
+
+
+def open_tiles(path, slide, plan, cache_bytes=TILE_CACHE):
+    """JpegTiles for the plan's patches, or None: OpenSlide reads them when they are not level-0 patches inside the
+    slide, the slide is not stored as JPEG tiles, or its first patch is not exactly OpenSlide's."""
+    s, (W, H) = plan["read_size"], slide.level_dimensions[0]
+    if plan["level"] != 0 or len(plan["coords"]) == 0 or (plan["coords"] < 0).any() \
+            or (plan["coords"] + s > np.array([W, H])).any():
+        return None
+    try:
+        tiles = JpegTiles(path, W, H, cache_bytes)
+    except Exception:  # not a TIFF Pillow parses, not JPEG tiles: OpenSlide's formats are many
+        return None
+    x, y = (int(c) for c in plan["coords"][raster_order(plan)[0]])
+    try:
+        if np.array_equal(tiles.region(x, y, s, s)[..., :3], read_rgb(slide, (x, y), 0, (s, s))):
+            return tiles
+    except Exception:  # a tile Pillow cannot decode
+        pass
+    tiles.close()
+    return None
+
+
 def to_input(patches, size, norm):
-    """(3, s, s) uint8 patches -> the backbone's normalised (k, 3, size, size) float32 batch, as eva's
-    ResizeAndCrop (Resize, ToDtype(scale) = x * (1/255), Normalize). The scaling and the normalisation run in
-    place on the whole batch: the same numbers as eva's per-patch tensors, without a fresh 600 KB tensor per
-    patch and op (each costs page faults, more than the resize)."""
+    """(s, s, 3 or 4) uint8 RGB(X) patches -> the backbone's normalised (k, 3, size, size) float32 batch, as eva's
+    ResizeAndCrop (Resize, ToDtype(scale) = x * (1/255), Normalize). Each channel is resized on its own, so a
+    fourth one changes nothing; the scaling and the normalisation run in place in the batch: the same numbers as
+    eva's per-patch tensors, without a fresh 600 KB tensor per patch and op (each costs page faults)."""
     x = torch.empty(len(patches), 3, size, size)
-    for out, p in zip(x, patches):
-        out.copy_(eval_probe.resize_and_crop(p, size)[0])
     mean, std = (torch.tensor(v)[:, None, None] for v in norm)
-    return x.mul_(1.0 / 255).sub_(mean).div_(std)
+    for out, p in zip(x, patches):  # channels-last views: torch's uint8 resize is fastest on them
+        rgb = eval_probe.resize_and_crop(torch.from_numpy(p).permute(2, 0, 1), size)[0][:3].contiguous()
+        out.copy_(rgb).mul_(1.0 / 255).sub_(mean).div_(std)
+    return x
 
 
 class SlideReader(torch.utils.data.IterableDataset):
-    """Worker processes each take whole slides (one OpenSlide handle per worker per slide, opened there) and yield
+    """Worker processes each take whole slides (one OpenSlide handle, and JpegTiles where the slide allows, per
+    worker per slide, opened there) and yield
     {"slide", "plan"} once, then {"slide", "index", "x"} batches of normalised patches; {"slide", "error"} for a
     slide that cannot be read."""
 
-    def __init__(self, jobs, target_mpp, patch, max_patches, batch_size, norm):
+    def __init__(self, jobs, target_mpp, patch, max_patches, batch_size, norm, jpeg_tiles=True):
         self.jobs, self.target_mpp, self.patch, self.max_patches = jobs, target_mpp, patch, max_patches
-        self.batch_size, self.norm = batch_size, norm
+        self.batch_size, self.norm, self.jpeg_tiles = batch_size, norm, jpeg_tiles
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -183,23 +273,32 @@ class SlideReader(torch.utils.data.IterableDataset):
 
     def read_slide(self, i, path):
         import openslide
-        slide = openslide.OpenSlide(path)
+        slide, tiles = openslide.OpenSlide(path), None
         if hasattr(openslide, "OpenSlideCache"):  # > OpenSlide's 32 MiB: tiles of the previous rows stay decoded
             slide.set_cache(openslide.OpenSlideCache(TILE_CACHE))
         try:
             plan = plan_slide(slide, self.target_mpp, self.patch, self.max_patches)
             yield {"slide": i, "plan": plan}
-            for index, x in read_patches(slide, plan, self.batch_size, self.patch, self.norm):
+            tiles = open_tiles(path, slide, plan) if self.jpeg_tiles else None
+            for index, x in read_patches(slide, plan, self.batch_size, self.patch, self.norm, tiles):
                 yield {"slide": i, "index": index, "x": x}
         finally:
             slide.close()
+            if tiles is not None:
+                tiles.close()
 
 
-def read_patches(slide, plan, batch_size, patch, norm):
-    """(indices into the plan, normalised patches) in batches of at most batch_size, in raster order."""
+def read_patches(slide, plan, batch_size, patch, norm, tiles=None):
+    """(indices into the plan, normalised patches) in batches of at most batch_size, in raster order; from `tiles`
+    (open_tiles) when given, else through OpenSlide."""
     s, buf, idx = plan["read_size"], [], []
     for j in raster_order(plan):
-        buf.append(read_rgb(slide, tuple(int(c) for c in plan["coords"][j]), plan["level"], (s, s)))
+        x, y = (int(c) for c in plan["coords"][j])
+        try:
+            rgb = tiles.region(x, y, s, s) if tiles else None
+        except Exception:  # a tile Pillow cannot decode (say, one missing from the scan): OpenSlide's answer
+            rgb = None
+        buf.append(read_rgb(slide, (x, y), plan["level"], (s, s)) if rgb is None else rgb)
         idx.append(j)
         if len(buf) == batch_size:
             yield torch.tensor(idx), to_input(buf, patch, norm)
@@ -275,7 +374,7 @@ def run_reader(todo, out, args, settings):
     backbone = load_backbone(args.weights, arch=args.arch).eval().to(device)
     dim = eval_probe.feature_dim(backbone, args.features)
     reader = SlideReader([(i, p) for i, (p, _) in enumerate(todo)], args.mpp, args.patch, args.max_patches,
-                         args.batch_size, eval_probe.NORMS[args.norm])
+                         args.batch_size, eval_probe.NORMS[args.norm], jpeg_tiles=not args.openslide_only)
     loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", prefetch_factor=4 if args.workers else None)
     report, pending, n_patches, t0 = {}, {}, 0, time.time()
@@ -637,6 +736,9 @@ def get_args(argv=None):
                        help="patches per slide at most (run: the dataset's, 1000 Camelyon16, 200 PANDA)")
         q.add_argument("--batch-size", type=int, default=64, help="patches per forward pass")
         q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="reader processes")
+        q.add_argument("--openslide-only", action="store_true",
+                       help="read every patch with OpenSlide's read_region, not from JPEG tiles decoded here "
+                            "(the same pixels, slower; for debugging)")
     cmd["embed"].add_argument("--slides", required=True, help="a slide, a folder of slides or a text file of paths")
     cmd["embed"].add_argument("--out", required=True, help="embedding folder EMB")
     cmd["embed"].add_argument("--num-shards", type=int, default=1, help="split the slide list over machines")

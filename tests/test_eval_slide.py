@@ -1,5 +1,6 @@
 """eval_slide.py: eva's patch sampler and reader on synthetic slides, the ABMIL head, eva's training loop and
 metric, dataset layouts, resumable embedding and bad slides."""
+import io
 import json
 import math
 import os
@@ -15,24 +16,34 @@ from PIL import Image
 import augment
 import eval_slide as E
 import model as M
+import prepare_patches
 
 TISSUE = (200, 100, 180)  # HSV saturation 127: tissue; the background (240, 240, 240) has saturation 0
 NORM = E.eval_probe.NORMS["imagenet"]
 
 
-def write_slide(path, tissue=None, size=1024, levels=3, mpp=0.5, seed=0):
+def pil_jpeg(tile, **_):
+    """tifffile's JPEG compressor, by Pillow (imagecodecs is not installed): YCbCr, 4:2:0, as most scanners store."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(tile).reshape(np.shape(tile)[-3:])).save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+def write_slide(path, tissue=None, size=1024, levels=3, mpp=0.5, seed=0, jpeg=False):
     """A tiled pyramid (downsample 2 per level) OpenSlide reads: background, textured tissue in the given level-0
-    rectangles (x0, y0, x1, y1), corners on multiples of 4 so that every level holds them exactly."""
+    rectangles (x0, y0, x1, y1), corners on multiples of 4 so that every level holds them exactly. Lossless
+    (zlib), or JPEG tiles in YCbCr in a BigTIFF."""
     rng = np.random.default_rng(seed)
     img = np.full((size, size, 3), 240, dtype=np.uint8)
     for x0, y0, x1, y1 in ((size // 4, 0, size, size),) if tissue is None else tissue:
         noise = rng.integers(-20, 20, (y1 - y0, x1 - x0, 3))
         img[y0:y1, x0:x1] = (np.array(TISSUE) + noise).clip(0, 255)
-    with tifffile.TiffWriter(path) as tif:
+    tifffile.TIFF.COMPRESSORS._codecs[7] = pil_jpeg  # no public hook registers an encoder
+    with tifffile.TiffWriter(path, bigtiff=jpeg) as tif:  # BigTIFF (scanners write it past 4 GB); the .svs is not
         for k in range(levels):
             res = dict(resolution=(1e4 / (mpp * 2 ** k),) * 2, resolutionunit="CENTIMETER") if mpp else {}
-            tif.write(img[::2 ** k, ::2 ** k], tile=(128, 128), photometric="rgb", compression="zlib",
-                      subfiletype=1 if k else 0, **res)
+            form = dict(photometric="ycbcr", compression="jpeg") if jpeg else dict(photometric="rgb", compression="zlib")
+            tif.write(img[::2 ** k, ::2 ** k], tile=(128, 128), subfiletype=1 if k else 0, **form, **res)
     return str(path)
 
 
@@ -95,7 +106,7 @@ def test_mpp_levels_and_alpha():
             a[0, 0] = (10, 20, 30, 255)
             return Image.fromarray(a, "RGBA")
     rgb = E.read_rgb(RGBA(), (0, 0), 0, (2, 2))  # transparent pixels become white, as eva's backend does
-    assert rgb.permute(1, 2, 0).tolist() == [[[10, 20, 30], [255] * 3], [[255] * 3, [255] * 3]]
+    assert rgb.tolist() == [[[10, 20, 30], [255] * 3], [[255] * 3, [255] * 3]]
 
 
 def test_tissue_mask_is_opencv_saturation_above_20():
@@ -145,8 +156,8 @@ def test_reader_gives_the_pixels_of_one_read_region_per_patch(tmp_path, target):
     # the resampling is an antialiased bilinear one: within one grey level of PIL's
     x, y = plan["coords"][0]
     rgb = E.read_rgb(slide, (int(x), int(y)), plan["level"], (plan["read_size"],) * 2)
-    pil = np.asarray(Image.fromarray(rgb.permute(1, 2, 0).numpy()).resize((32, 32), Image.BILINEAR)).astype(int)
-    ours = E.eval_probe.resize_and_crop(rgb, 32)[0].permute(1, 2, 0)
+    pil = np.asarray(Image.fromarray(rgb).resize((32, 32), Image.BILINEAR)).astype(int)
+    ours = E.eval_probe.resize_and_crop(torch.from_numpy(rgb).permute(2, 0, 1), 32)[0].permute(1, 2, 0)
     assert np.abs(ours.numpy().astype(int) - pil).max() <= 1
 
 
@@ -160,7 +171,62 @@ def test_fast_read_equals_openslide_pythons_read_region(tmp_path):
         rgba = np.array(slide.read_region(loc, level, size))
         rgba[rgba[..., 3] == 0] = 255
         got = E.read_rgb(slide, loc, level, size)
-        assert got.is_contiguous() and np.array_equal(got.permute(1, 2, 0).numpy(), rgba[..., :3]), (loc, level, size)
+        assert np.array_equal(got, rgba[..., :3]), (loc, level, size)
+
+
+def read_all(path, target, patch, max_patches, **kw):
+    """SlideReader's patches of one slide, in the plan's order."""
+    items = list(E.SlideReader([(0, path)], target, patch, max_patches, 16, NORM, **kw))
+    got = torch.zeros(len(items[0]["plan"]["coords"]), 3, patch, patch)
+    for it in items[1:]:
+        got[it["index"]] = it["x"]
+    return got
+
+
+def test_jpeg_tiles_give_openslides_pixels(tmp_path, monkeypatch):
+    path = write_slide(tmp_path / "j.tif", tissue=((200, 0, 1024, 600), (0, 800, 400, 1024)), jpeg=True)
+    slide = openslide.OpenSlide(path)
+    with Image.open(path) as im:
+        assert (im.tag_v2[259], im.tag_v2[262]) == (7, 6)  # JPEG, YCbCr
+    plan = E.plan_slide(slide, 0.9, 32, 60)  # level 0, 57 px patches: most straddle the 128 px tiles
+    tiles = E.open_tiles(path, slide, plan)
+    assert isinstance(tiles, E.JpegTiles) and plan["level"] == 0
+    assert np.array_equal(tiles.region(0, 0, 1024, 1024)[..., :3], E.read_rgb(slide, (0, 0), 0, (1024, 1024)))
+    got = read_all(path, 0.9, 32, 60)
+    for i, (x, y) in enumerate(plan["coords"]):
+        assert torch.equal(got[i], eva_patch(slide, plan, x, y, 32)), i
+    # a bounded cache: 4-tile regions still right while at most two tiles stay decoded, the least recently used
+    # one dropped (tiles are numbered row by row, 8 across)
+    small = E.JpegTiles(path, 1024, 1024, cache_bytes=2 * 128 * 128 * 4)
+    for x, y in ((100, 100), (300, 90), (120, 250)):
+        assert np.array_equal(small.region(x, y, 60, 70)[..., :3], E.read_rgb(slide, (x, y), 0, (60, 70)))
+        assert len(small.cache) <= 2
+    small.cache.clear()
+    for x, keep in ((0, [0]), (128, [0, 1]), (0, [1, 0]), (256, [0, 2])):
+        small.region(x, 0, 10, 10)
+        assert list(small.cache) == keep
+    # the bundled slide: Aperio's RGB-coded JPEG tiles (no YCbCr), 240 px, all of them
+    svs = openslide.OpenSlide(prepare_patches.SAMPLE_SLIDE)
+    W, H = svs.level_dimensions[0]
+    aperio = E.JpegTiles(prepare_patches.SAMPLE_SLIDE, W, H)
+    assert np.array_equal(aperio.region(0, 0, W, H)[..., :3], E.read_rgb(svs, (0, 0), 0, (W, H)))
+    # a tile that fails to decode later on: that patch is OpenSlide's
+    broken = E.open_tiles(path, slide, plan)
+    decode = E.JpegTiles.tile
+    monkeypatch.setattr(E.JpegTiles, "tile", lambda self, k: decode(self, k) if k % 3 else 1 / 0)
+    read = [x for _, x in E.read_patches(slide, plan, 16, 32, NORM, broken)]
+    assert torch.equal(torch.cat(read), got[E.raster_order(plan)])
+    # OpenSlide reads instead: another level, lossless tiles, or a first patch that is not OpenSlide's
+    assert E.open_tiles(path, slide, E.plan_slide(slide, 1.0, 32, 60)) is None
+    zlib = write_slide(tmp_path / "z.tif", tissue=((200, 0, 1024, 600),))
+    assert E.open_tiles(zlib, openslide.OpenSlide(zlib), plan) is None
+    monkeypatch.setattr(E.JpegTiles, "tile", lambda self, k: np.full((128, 128, 4), 7, np.uint8))
+    assert E.open_tiles(path, slide, plan) is None
+    assert torch.equal(read_all(path, 0.9, 32, 60), got)
+    # --openslide-only: the tiles are not even opened
+    monkeypatch.setattr(E, "open_tiles", None)
+    assert torch.equal(read_all(path, 0.9, 32, 60, jpeg_tiles=False), got)
+    assert E.get_args(["embed", "--weights", "w", "--slides", "s", "--out", "o", "--openslide-only"]).openslide_only
 
 
 def test_resize_float_fallback_rounds_like_the_uint8_kernel(monkeypatch):
