@@ -6,7 +6,7 @@ Benchmarks, nanoGPT-style: each prints what it measured as JSON; nothing here is
     python bench.py data  [--patches-per-level 1000]      # prepare_patches rate, decoded samples/s per worker
     python bench.py forward [--arch vit_small]            # 2 global + 8 local crops: one list call vs two calls
     python bench.py memory [--preset openmidnight]        # a step's device memory, predicted on a CPU
-    python bench.py slide [--passes 5]                    # eval_slide.py's patch reader vs eva's, + a ViT-S
+    python bench.py slide [--passes 5]                    # slide_reader.py's patch reader vs eva's, + a ViT-S
 
 `python bench.py SUBCOMMAND --help` lists its flags (step and memory take every train.py flag too). On an
 H100/H200: python bench.py step --preset openmidnight --batch-size 48 (random weights time the same as --init's).
@@ -29,8 +29,8 @@ from torch.profiler import ProfilerActivity, profile
 import augment
 import data
 import eval_probe
-import eval_slide
 import prepare_patches
+import slide_reader
 import train
 from model import ARCHS, ViT, autocast, swiglu_hidden
 
@@ -363,7 +363,7 @@ def bench_forward(argv):
 
 
 def bench_slide(argv):
-    """eval_slide.py's patch reader on the sample slide, in patches/s. Per core (this process's CPU time), given
+    """slide_reader.py's patch reader on the sample slide, in patches/s. Per core (this process's CPU time), given
     the slide's plan (eva's sampler, the same for all and once per slide, timed apart): our reader as SlideReader
     runs it (JPEG tiles decoded here, each once, checked against OpenSlide on the first patch, patches in raster
     order, the normalisation in place per batch), our reader through OpenSlide alone (--openslide-only: the path
@@ -387,19 +387,19 @@ def bench_slide(argv):
     torch.set_num_threads(1)
     slide = openslide.OpenSlide(path)
     t0 = time.process_time()
-    plan = eval_slide.plan_slide(slide, a.mpp, 224, a.max_patches)
+    plan = slide_reader.plan_slide(slide, a.mpp, 224, a.max_patches)
     tile = int(slide.properties.get("openslide.level[0].tile-width", 240))
     two_rows = 2 * -(-slide.level_dimensions[plan["level"]][0] // tile) * tile * tile * 4  # bytes of decoded tiles
     out = {"patches_per_pass": len(plan["coords"]), "read_size": plan["read_size"], "cold_cache_bytes": two_rows,
            "plan_cpu_s_per_slide": round(time.process_time() - t0, 3)}
 
     def ours(s, tiles):  # opened (and checked) per pass when cold, kept with its decoded tiles when warm
-        tiles = tiles or eval_slide.open_tiles(path, s, plan, cache_bytes=two_rows)
-        for _ in eval_slide.read_patches(s, plan, a.batch_size, 224, norm, tiles):
+        tiles = tiles or slide_reader.open_tiles(path, s, plan, cache_bytes=two_rows)
+        for _ in slide_reader.read_patches(s, plan, a.batch_size, 224, norm, tiles):
             pass
 
     def ours_openslide(s, tiles):
-        for _ in eval_slide.read_patches(s, plan, a.batch_size, 224, norm):
+        for _ in slide_reader.read_patches(s, plan, a.batch_size, 224, norm):
             pass
 
     def eva(s, tiles):  # eva's WsiDataset item: read_region, np.array, alpha -> white, to_image, ResizeAndCrop; collate
@@ -419,7 +419,7 @@ def bench_slide(argv):
         return s, None
 
     readers = (("ours", ours), ("ours_openslide", ours_openslide), ("eva", eva))
-    warm = slide, eval_slide.open_tiles(path, slide, plan)
+    warm = slide, slide_reader.open_tiles(path, slide, plan)
     for cache, handle in (("warm", lambda: warm), ("cold", cold)):
         seconds = dict.fromkeys(dict(readers), 0.0)
         for name, fn in readers:
@@ -438,7 +438,7 @@ def bench_slide(argv):
     torch.set_num_threads(a.threads)
     vit = ViT("vit_small", img_size=224, num_register_tokens=0).eval()
     eval_probe.embed(vit, torch.randn(2, 3, 224, 224))
-    reader = eval_slide.SlideReader([(k, path) for k in range(a.model_passes)], a.mpp, 224, a.max_patches,
+    reader = slide_reader.SlideReader([(k, path) for k in range(a.model_passes)], a.mpp, 224, a.max_patches,
                                     a.batch_size, norm)
     sizes, t0 = [], None
     for it in torch.utils.data.DataLoader(reader, batch_size=None, num_workers=1, prefetch_factor=4):
