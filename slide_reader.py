@@ -131,7 +131,7 @@ def raster_order(plan):
 class JpegTiles:
     """Level 0 of a tiled JPEG TIFF (Aperio .svs, Camelyon16's and PANDA's TIFFs) decoded here: each tile once by
     Pillow's libjpeg-turbo, kept decoded, patches cropped from it in numpy. OpenSlide decodes the same tiles, then
-    composites every pixel through cairo, about 20-35 ns a pixel on this CPU even for tiles already in its cache.
+    composites every pixel through cairo: 20-35 ns a pixel on our 2-core machine even for tiles in its cache.
     open_tiles checks a slide's first patch against OpenSlide's read_region before anything is read this way."""
 
     def __init__(self, path, width, height, cache_bytes=TILE_CACHE):
