@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import torch
+from PIL import Image
 
 import eval_probe
 from prepare_patches import tissue_fraction_map
@@ -135,7 +136,6 @@ class JpegTiles:
     open_tiles checks a slide's first patch against OpenSlide's read_region before anything is read this way."""
 
     def __init__(self, path, width, height, cache_bytes=TILE_CACHE):
-        from PIL import Image
         limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # only the TIFF's tags are read here
         try:
             with Image.open(path) as im:
@@ -153,7 +153,8 @@ class JpegTiles:
         if (tags.get(259), tags.get(277), tuple(tags.get(258, ())), tags.get(284, 1)) != (7, 3, (8, 8, 8), 1) \
                 or tags.get(262) not in (2, 6):
             raise ValueError("level 0 is not 8-bit RGB JPEG tiles")
-        self.width, self.height, self.tile_w, self.tile_h = width, height, tags[322], tags[323]
+        self.tile_w, self.tile_h = tags[322], tags[323]
+        self.across = -(-width // self.tile_w)  # tiles per row
         self.offsets, self.counts = tags[324], tags[325]
         # tiles are abbreviated JPEG streams: the shared tables (tag 347) go in after their SOI marker; an Adobe
         # APP14 marker with transform 0 tells libjpeg that RGB-photometric tiles hold RGB, not YCbCr, as libtiff does
@@ -162,7 +163,6 @@ class JpegTiles:
         self.header, self.file, self.cache, self.cache_bytes = rgb + tables, open(path, "rb"), {}, cache_bytes
 
     def tile(self, k):
-        from PIL import Image
         if k in self.cache:
             self.cache[k] = self.cache.pop(k)  # the newest again: the cache drops the least recently used
         else:
@@ -181,12 +181,11 @@ class JpegTiles:
         """The (h, w, 4) RGBX pixels at level-0 (x, y) (X: a fourth byte, which makes torch's resize fastest); the
         region lies inside the level."""
         out = np.empty((h, w, 4), np.uint8)
-        across = -(-self.width // self.tile_w)
         for ty in range(y // self.tile_h, (y + h - 1) // self.tile_h + 1):
             for tx in range(x // self.tile_w, (x + w - 1) // self.tile_w + 1):
                 x0, y0 = max(x, tx * self.tile_w), max(y, ty * self.tile_h)
                 x1, y1 = min(x + w, (tx + 1) * self.tile_w), min(y + h, (ty + 1) * self.tile_h)
-                t = self.tile(ty * across + tx)
+                t = self.tile(ty * self.across + tx)
                 out[y0 - y:y1 - y, x0 - x:x1 - x] = t[y0 - ty * self.tile_h:y1 - ty * self.tile_h,
                                                       x0 - tx * self.tile_w:x1 - tx * self.tile_w]
         return out
@@ -206,7 +205,7 @@ def open_tiles(path, slide, plan, cache_bytes=TILE_CACHE):
         tiles = JpegTiles(path, W, H, cache_bytes)
     except Exception:  # not a TIFF Pillow parses, not JPEG tiles: OpenSlide's formats are many
         return None
-    x, y = (int(c) for c in plan["coords"][raster_order(plan)[0]])
+    x, y = (int(c) for c in plan["coords"][0])
     try:
         if np.array_equal(tiles.region(x, y, s, s)[..., :3], read_rgb(slide, (x, y), 0, (s, s))):
             return tiles
