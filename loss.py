@@ -166,7 +166,8 @@ def collapse_signals(teacher_logits, student_logits, teacher_temp, student_temp)
     - teacher_kl_uniform: KL(batch mean of those softmaxes || uniform); -> log K when every sample picks the same
       prototype (collapse), small when samples spread over the prototypes;
     - prototype_wins: (K,) how many samples have each prototype as the teacher's argmax (train.py sums it over the
-      global batch and logs the count of prototypes that win at least one sample: 1 under collapse);
+      global batch and the steps since its last log line, and logs how many prototypes won at least once: 1 under
+      collapse);
     - student_entropy: the same entropy for softmax(student logits / T_s); stuck at log K = nothing learned."""
     with _no_autocast(teacher_logits):
         t_entropy, t_mean = _entropy(teacher_logits, teacher_temp)

@@ -11,6 +11,8 @@ Re-running the same command with the same --out resumes from its newest readable
 recipe, with its source: RECIPE.md (hyper-parameters §8, losses §4, augmentation §6).
 """
 import argparse
+import contextlib
+import datetime
 import fcntl
 import glob
 import json
@@ -169,6 +171,10 @@ def get_args_parser(add_help=True):
     g.add_argument("--workers", type=bounded(int, 0), default=8,
                    help="loader workers per process; raise it if data_time_frac in the log stays above ~0.05")
     g.add_argument("--seed", type=bounded(int, 0), default=0, help="seeds the init, the data order and the crops")
+    g.add_argument("--dist-timeout", type=bounded(float, 1.0), default=3600.0,
+                   help="seconds a rank waits at a collective before the job stops with a message; it must cover the "
+                   "longest work rank 0 does alone: a ViT-g checkpoint (~20 GB) or export on slow shared storage, "
+                   "a probe (NCCL's own default, 600 s, can kill a healthy job)")
     g = p.add_argument_group("reproduce the released run's quirks (RECIPE.md §11); the defaults fix them")
     g.add_argument("--random-pos-embed", action="store_true",
                    help="do not load the pretrained pos-embed (OpenMidnight@blog: a random 16x16 init)")
@@ -503,33 +509,52 @@ def checkpoint_files(out):
     return numbered + ([latest] if os.path.exists(latest) else [])
 
 
-def save_checkpoint(st, args):
+def rng_states(world):
+    """Every rank's random generators (drop path draws differ per rank), gathered on every rank."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    states = [state] * world
+    if world > 1:
+        dist.all_gather_object(states, state)
+    return states
+
+
+def save_checkpoint(st, args, rng):
     """checkpoint-<step>.pt is written atomically and read back, then checkpoint.pt becomes a hard link to it (an
     atomic rename; no copy), and only then are numbered checkpoints beyond --keep-checkpoints removed. At every
     moment a complete checkpoint is on disk; a failed write (a full disk) leaves the previous ones untouched."""
     ckpt = {"student": st.student.state_dict(), "teacher": st.teacher.state_dict(),
             "optimizer": st.opt.state_dict(), "centers": st.centers, "step": st.step, "skipped_steps": st.skipped,
-            "args": vars(args), "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
-                                        if torch.cuda.is_available() else []}}
+            "args": vars(args), "rng": rng}
     size = 16 * sum(p.numel() for p in st.student.parameters())  # fp32 student, 2 AdamW moments, teacher
     path = os.path.join(args.out, f"checkpoint-{st.step:07d}.pt")
     save_or_stop(ckpt, path, size, st.step)
     if torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"] != st.step:  # known good first
         raise SystemExit(f"{path} does not read back as step {st.step}: check the filesystem; earlier checkpoints "
                          "are kept")
-    link = os.path.join(args.out, ".checkpoint.pt.link")
-    if os.path.exists(link):
-        os.remove(link)
-    try:
-        os.link(path, link)
-    except OSError:  # a filesystem without hard links: a copy
-        atomic_write(link, lambda f: f.write(open(path, "rb").read()), size_hint=size)
-    os.replace(link, os.path.join(args.out, "checkpoint.pt"))
-    for old in sorted(glob.glob(os.path.join(args.out, "checkpoint-*.pt")))[:-(args.keep_checkpoints + 1)]:
+    link_latest(path, args)
+
+
+def link_latest(path, args):
+    """checkpoint.pt becomes a hard link to the numbered checkpoint `path` (an atomic rename; no copy), then older
+    numbered checkpoints beyond --keep-checkpoints are removed. Also run on resume: a kill between a checkpoint and
+    its link would otherwise leave checkpoint.pt on an older step."""
+    latest = os.path.join(args.out, "checkpoint.pt")
+    if not (os.path.exists(latest) and os.path.samefile(path, latest)):
+        link = os.path.join(args.out, ".checkpoint.pt.link")
+        if os.path.exists(link):
+            os.remove(link)
+        try:
+            os.link(path, link)
+        except OSError:  # a filesystem without hard links: a copy
+            atomic_write(link, lambda f: f.write(open(path, "rb").read()), size_hint=os.path.getsize(path))
+        os.replace(link, latest)
+    older = sorted(f for f in glob.glob(os.path.join(args.out, "checkpoint-*.pt")) if os.path.basename(f) <
+                   os.path.basename(path))  # zero-padded steps; a newer (unreadable) one is never touched
+    for old in older[:len(older) - args.keep_checkpoints]:
         os.remove(old)
 
 
-def resume(st, args, master):
+def resume(st, args, rank):
     """Load the newest readable checkpoint of --out into st. An unreadable one (truncated, corrupt) is reported
     and skipped, never deleted; if checkpoints exist but none loads, the run stops instead of starting over (which
     would overwrite them): --no-resume starts over deliberately."""
@@ -552,13 +577,17 @@ def resume(st, args, master):
                              "another --out, or --no-resume") from None
         st.centers = {k: v.to(st.centers[k].device) for k, v in ckpt["centers"].items()}
         st.step, st.skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        if master:
+        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # per rank (one dict: older runs)
+        rng = rngs[rank] if rank < len(rngs) else rngs[0]  # another number of ranks: their streams differ anyway
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if rank == 0:
             for bad in unreadable:
                 print(f"skipped unreadable checkpoint {bad}")
             print(f"resumed from {path} at step {st.step}")
+            if os.path.basename(path) != "checkpoint.pt":
+                link_latest(path, args)
         return
     if unreadable:
         raise SystemExit("no readable checkpoint in " + args.out + ":\n  " + "\n  ".join(unreadable) +
@@ -595,12 +624,41 @@ def setup_distributed(args):
     """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is one process."""
     if "RANK" not in os.environ:
         return 0, 1, 0, torch.device(args.device)
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-    rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    timeout = datetime.timedelta(seconds=args.dist_timeout)
+    # torchrun --max-restarts keeps one key-value store for all its attempts: a restarted group could read the dead
+    # attempt's addresses and fail or hang while connecting (seen with gloo), so each attempt gets its own keys
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # hosted by torchrun, else by rank 0
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not shared, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=timeout, rank=rank,
+                            world_size=world, store=dist.PrefixStore(f"nanopath/attempt{attempt}", store))
     if args.device == "cuda":
         torch.cuda.set_device(local)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return rank, world, local, torch.device(args.device, local) if args.device == "cuda" else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def collective_failures(rank, args, world):
+    """Under torchrun, a collective that fails ends this rank with one line that says why and what to do, not a
+    C++ traceback: it waited past --dist-timeout (the others were busy: rank 0 writes checkpoints and exports and
+    runs probes alone), or another rank died. (NCCL's watchdog may abort the process itself at the timeout.)"""
+    try:
+        yield
+    except RuntimeError as e:  # gloo's and NCCL's errors, torch.distributed.DistError among them
+        text = str(e)
+        timed_out = "timed out" in text.lower()
+        if world == 1 or not (timed_out or "closed by peer" in text or "reset by peer" in text or
+                              isinstance(e, dist.DistError)):
+            raise
+        resume = "rerunning the same command (or torchrun --max-restarts) resumes from the newest checkpoint"
+        why = (f"waited more than --dist-timeout {args.dist_timeout:g} s at a collective: another rank was busy "
+               "(rank 0 writes checkpoints and exports and runs probes alone; on slow storage raise --dist-timeout "
+               "or put --out on faster storage) or is gone" if timed_out else
+               "another rank stopped during a collective (its own message says why)")
+        raise SystemExit(f"rank {rank}: {why}; {resume} [{text.splitlines()[0][:200]}]") from None
 
 
 def open_store(args, master, world):
@@ -640,14 +698,15 @@ def describe_run(args, world, n_patches):
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step. On resume, lines past the checkpoint's step (written by a
-    run that then crashed) are dropped, so the file reads as one run; a fresh start empties it."""
+    run that then crashed) and a line cut short by a kill are dropped, so the file reads as one run; a fresh start
+    empties it."""
 
     def __init__(self, out, step):
         self.path = os.path.join(out, "metrics.jsonl")
         lines = []
         if step and os.path.exists(self.path):
             with open(self.path) as f:
-                lines = [ln for ln in f if json.loads(ln).get("step", 0) <= step]
+                lines = [ln for ln in f if ln.endswith("\n") and json.loads(ln).get("step", 0) <= step]
         atomic_write(self.path, lambda f: f.write("".join(lines).encode()))
         self.file = open(self.path, "a")
         self.t_last, self.data_time = time.time(), 0.0
@@ -657,14 +716,19 @@ class MetricsLog:
         self.file.flush()
 
 
-def reduce_metrics(out, world):
-    """The logged terms as global-batch means (each rank's loss is its local mean); prototype wins are summed."""
-    wins = out.pop("prototype_wins").float()
+def reduce_metrics(out, wins, world):
+    """The logged terms as global-batch means (each rank's loss is its local mean), and prototype usage over the
+    logging window: `wins` counts each prototype's teacher argmax wins over every step since the last log line,
+    summed over ranks. One step's count is capped by its teacher crops (16 in the demo, 768 of 131,072 prototypes
+    at OpenMidnight's global batch) and Sinkhorn-Knopp keeps it at that cap, so only a window can show a fall."""
     vals = torch.stack([out[k].float() for k in out])
+    wins = wins.float()
     if world > 1:
         dist.all_reduce(vals)
         dist.all_reduce(wins)
-    return {**dict(zip(out, (vals / world).tolist())), "prototypes_used": int((wins > 0).sum())}
+    p = wins[wins > 0] / wins.sum()
+    return {**dict(zip(out, (vals / world).tolist())), "prototypes_used": int((wins > 0).sum()),
+            "prototype_entropy": float(-(p * p.log()).sum())}
 
 
 class StopSignals:
@@ -725,7 +789,7 @@ def main(argv=None):
     aug_cfg = augment_config(args)
     # 2. build the student, the teacher and the optimizer; 3. resume from the newest readable checkpoint
     st = build_state(args, device, rank, world, local)
-    resume(st, args, master)
+    resume(st, args, rank)
     log = MetricsLog(args.out, st.step) if master else None
     if master:
         describe_run(args, world, len(store))
@@ -734,8 +798,8 @@ def main(argv=None):
                               mask_ratio=tuple(args.mask_ratio), mask_prob=args.mask_prob, patch_size=args.patch_size)
     # 4. the loop
     bar = tqdm(total=args.steps, initial=st.step, disable=not master, dynamic_ncols=True)
-    batches, bad_in_a_row = iter(loader), 0
-    with StopSignals() as stop:
+    batches, bad_in_a_row, wins = iter(loader), 0, None
+    with StopSignals() as stop, collective_failures(rank, args, world):
         while st.step < args.steps:
             t0 = time.time()  # data: the next batch, moved to the device (colour ops there with --gpu-augment)
             batch = prepare_batch(next(batches), args, device, aug_cfg)
@@ -743,21 +807,27 @@ def main(argv=None):
                 log.data_time += time.time() - t0
             out, sched, finite = train_step(st, batch, args)  # the step, skipped if anything is non-finite
             bad_in_a_row = 0 if finite else report_bad_step(out, batch, st, bad_in_a_row + 1, args)
+            step_wins = out.pop("prototype_wins")  # summed over the logging window: one step's count is capped
+            wins = step_wins if wins is None else wins + step_wins  # at its number of teacher crops
             if st.step % args.log_every == 0 or st.step == args.steps:  # every rank joins the all-reduce
-                metrics = reduce_metrics(out, world)
+                metrics = reduce_metrics(out, wins, world)
+                wins = None
                 if master:
                     write_metrics(log, metrics, sched, st, args, world, bar)
             bar.update()
-            stopping = stop.agreed(st.step, args, world, device)  # checkpoint, export, probe, stop
-            if st.step % args.checkpoint_every == 0 or st.step == args.steps or stopping:
-                if hasattr(st.opt, "consolidate_state_dict"):  # ZeRO-1: every rank sends its shard to rank 0
-                    st.opt.consolidate_state_dict(to=0)
-                if master:
-                    save_checkpoint(st, args)
+            stopping = stop.agreed(st.step, args, world, device)
+            # what is due at this step (export, probe) is written before its checkpoint: a crash anywhere before
+            # the checkpoint is complete resumes from an earlier step and redoes it all
             if master and (st.step % args.export_every == 0 or st.step == args.steps):
                 export_teacher(st, args)
             if master and args.probe_every and st.step % args.probe_every == 0:
                 run_probe(st.teacher.backbone, args, st.step, log)
+            if st.step % args.checkpoint_every == 0 or st.step == args.steps or stopping:
+                rng = rng_states(world)
+                if hasattr(st.opt, "consolidate_state_dict"):  # ZeRO-1: every rank sends its shard to rank 0
+                    st.opt.consolidate_state_dict(to=0)
+                if master:
+                    save_checkpoint(st, args, rng)
             if stopping:
                 tqdm.write(f"signal {stop.received}: checkpoint written at step {st.step}; exiting")
                 break

@@ -1,6 +1,7 @@
 """What a crash, a kill, a full disk, a second job or bad input does to a run: nothing is lost, nothing is silently
 wrong (each test states the guarantee it checks)."""
 import errno
+import glob
 import json
 import os
 import random
@@ -59,14 +60,15 @@ def test_kill_9_at_random_moments_never_costs_more_than_the_current_step(small_s
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         if restarts < 4:
-            deadline = time.time() + 120  # kill once this run has logged a random number of steps
+            deadline = time.time() + 900  # kill once this run has logged a random number of steps (a margin for a
+            # machine whose cores are busy with other work: the test's outcome never depends on it)
             target = len(losses(out)) + rng.randint(1, 3) if (out / "metrics.jsonl").exists() else rng.randint(1, 3)
             while time.time() < deadline and proc.poll() is None and \
                     not ((out / "metrics.jsonl").exists() and len(losses(out)) >= target):
                 time.sleep(0.01)
             time.sleep(rng.uniform(0, 0.15))  # somewhere in the next step or its save
             proc.send_signal(signal.SIGKILL)
-        stdout, _ = proc.communicate(timeout=300)
+        stdout, _ = proc.communicate(timeout=900)
         resumed = [line for line in stdout.splitlines() if line.startswith("resumed from")]
         if before:
             assert resumed and resumed[0].endswith(f"at step {max(before)}"), (before, stdout[-500:])
@@ -79,6 +81,133 @@ def test_kill_9_at_random_moments_never_costs_more_than_the_current_step(small_s
     b = torch.load(out / "teacher_backbone.pth", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not [f for f in os.listdir(out) if ".tmp" in f]  # half-written files of killed saves are gone
+
+
+# A training subprocess whose file operations are patched (here, never in train.py) to SIGKILL the process at a named
+# point: each window between the writes of one step, reached whatever the machine's load
+KILLED_AT = """
+import os, re, signal, sys
+sys.path.insert(0, {root!r})
+import torch
+import train
+
+def kill_when(module, name, condition):
+    real = getattr(module, name)
+    def patched(*args, **kwargs):
+        if condition(*args):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    setattr(module, name, patched)
+
+point, target = sys.argv[1], sys.argv[2]
+if point == "save":  # before train.py writes `target` (a checkpoint or an export)
+    kill_when(train, "save_or_stop", lambda obj, path, *rest: os.path.basename(path) == target)
+elif point == "link":  # `target` is complete and read back; checkpoint.pt does not point at it yet
+    kill_when(os, "link", lambda src, *rest: os.path.basename(src) == target)
+elif point == "prune":  # removing the older checkpoint `target`
+    kill_when(os, "remove", lambda path, *rest: os.path.basename(path) == target)
+elif point == "step":  # rank RANK starts the step after `target` steps, in the first attempt of torchrun
+    rank, step = target.split(":")
+    if os.environ.get("RANK", "0") == rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        kill_when(train, "train_step", lambda st, *rest: st.step == int(step))
+elif point == "slow-save":  # rank 0 writes the checkpoint `target` for a long time
+    real_save = train.save_checkpoint
+    def slow(st, args, rng):
+        if f"checkpoint-{{st.step:07d}}.pt" == target:
+            import time
+            time.sleep(6)
+        return real_save(st, args, rng)
+    train.save_checkpoint = slow
+torch.set_num_threads(1)
+train.main(sys.argv[3:])
+"""
+
+
+def killed_run(tmp_path, point, target, argv, torchrun=()):
+    script = tmp_path / "killed_at.py"
+    script.write_text(KILLED_AT.format(root=ROOT))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *torchrun, str(script), point, target, *map(str, argv)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def six_steps(small_store, tmp_path_factory):
+    """An uninterrupted 6-step run that checkpoints every 2 steps (keeping none but the newest) and exports every
+    3: at step 6 an export, a checkpoint and the pruning of step 4's checkpoint are all due."""
+    out = tmp_path_factory.mktemp("six")
+    argv = tiny_train_args(small_store, out / "whole", "--steps", 6, "--checkpoint-every", 2, "--export-every", 3,
+                           "--keep-checkpoints", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return argv, out / "whole"
+
+
+def exports(out):
+    files = [os.path.join(out, "teacher_backbone.pth")] + sorted(glob.glob(os.path.join(out, "exports", "*.pth")))
+    return {os.path.relpath(f, out): torch.load(f, weights_only=True) for f in files if os.path.exists(f)}
+
+
+@pytest.mark.parametrize("point,target,resumes_at", [
+    ("save", "teacher_backbone_0000006.pth", 4),  # between the two files of step 6's export
+    ("save", "checkpoint-0000006.pt", 4),  # step 6's export written, its checkpoint not yet
+    ("link", "checkpoint-0000006.pt", 6),  # checkpoint written, not yet linked as checkpoint.pt
+    ("prune", "checkpoint-0000004.pt", 6),  # checkpoint written and linked, the older one being removed
+])
+def test_a_kill_between_the_writes_of_a_step_loses_no_export(six_steps, tmp_path, capsys, point, target,
+                                                             resumes_at):
+    # each window between the writes of the last step, made by killing the process there: the rerun of the same
+    # command resumes from the newest complete checkpoint and ends with every export the schedule promises, equal
+    # to the uninterrupted run's, and the same losses
+    argv, whole = six_steps
+    argv = list(argv)
+    argv[argv.index("--out") + 1] = str(tmp_path / "run")
+    assert killed_run(tmp_path, point, target, argv).returncode == -signal.SIGKILL
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(argv)  # the rerun: the same command
+    finally:
+        torch.set_num_threads(threads)
+    assert f"at step {resumes_at}\n" in capsys.readouterr().out  # the newest complete checkpoint
+    assert losses(tmp_path / "run") == losses(whole)
+    a, b = exports(whole), exports(tmp_path / "run")
+    assert sorted(b) == sorted(a) == ["exports/teacher_backbone_0000003.pth", "exports/teacher_backbone_0000006.pth",
+                                      "teacher_backbone.pth"]
+    assert all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
+    assert readable_steps(tmp_path / "run") == {6}
+
+
+def test_a_rank_killed_under_torchrun_max_restarts_resumes_with_the_same_losses(small_store, tmp_path):
+    # 2 gloo processes; rank 1 is SIGKILLed at the start of step 4 (checkpoints every 2 steps); torchrun restarts
+    # both, they resume from the newest checkpoint and the run ends with the losses of an uninterrupted one
+    argv = tiny_train_args(small_store, tmp_path / "whole", "--steps", 6, "--batch-size", 2, "--kde-weight", 0)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts", "1",
+                "--monitor-interval", "0.5"]
+    whole = killed_run(tmp_path, "none", "-", argv, torchrun)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "restarted")
+    run = killed_run(tmp_path, "step", "1:3", argv, torchrun)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "resumed from" in run.stdout and "at step 2" in run.stdout  # the second attempt
+    assert "exitcode: -9" in run.stderr  # torchrun saw rank 1 killed, then restarted both
+    assert losses(tmp_path / "restarted") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 6
+
+
+def test_a_slow_save_ends_the_waiting_rank_with_a_message_not_a_hang(small_store, tmp_path):
+    # rank 0 writes step 2's checkpoint for 6 s; rank 1 waits at the next collective for --dist-timeout 2 s, then
+    # both stop with one line each that says what happened and what to do
+    argv = tiny_train_args(small_store, tmp_path / "run", "--steps", 6, "--batch-size", 2, "--dist-timeout", 2)
+    run = killed_run(tmp_path, "slow-save", "checkpoint-0000002.pt", argv,
+                     ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    assert run.returncode != 0
+    assert "rank 1: waited more than --dist-timeout 2 s at a collective" in run.stderr, run.stderr[-3000:]
+    assert "raise --dist-timeout" in run.stderr and "resumes from the newest checkpoint" in run.stderr
+    assert readable_steps(tmp_path / "run") == {2}  # rank 0 still finished its save
 
 
 def test_truncated_latest_checkpoint_falls_back_and_is_kept(small_store, tmp_path, capsys):

@@ -118,6 +118,27 @@ def test_one_step_clips_each_part_and_moves_the_teacher_by_ema(small_store, tmp_
     assert st.step == 6
 
 
+def test_prototype_usage_is_counted_over_the_logging_window_and_falls_under_collapse(small_store, tmp_path,
+                                                                                       monkeypatch):
+    # one step has 2 x 4 = 8 teacher crops, so one step's count of winning prototypes is at most 8; over a logging
+    # window of 4 steps a teacher whose outputs spread over the 256 prototypes uses far more, and a collapsed one
+    # (every crop's argmax on prototype 3) uses 1, with zero entropy
+    real_build, g = train.build_models, torch.Generator().manual_seed(0)
+    heads = {"spread": lambda x: 5 * torch.randn(len(x), 256, generator=g),
+             "collapsed": lambda x: 10 * torch.nn.functional.one_hot(torch.full((len(x),), 3), 256).float()}
+    for name, head in heads.items():
+        def build(args, head=head):
+            student, teacher = real_build(args)
+            teacher.dino_head.forward = head  # the teacher's DINO logits, forced
+            return student, teacher
+        monkeypatch.setattr(train, "build_models", build)
+        train.main(tiny_train_args(small_store, tmp_path / name, "--steps", 8, "--log-every", 4))
+    spread, collapsed = read_metrics(tmp_path / "spread"), read_metrics(tmp_path / "collapsed")
+    assert [r["step"] for r in spread] == [r["step"] for r in collapsed] == [4, 8]
+    assert all(r["prototypes_used"] > 20 and r["prototype_entropy"] > math.log(20) for r in spread)
+    assert all(r["prototypes_used"] == 1 and r["prototype_entropy"] == 0 for r in collapsed)
+
+
 def test_stop_at_step_k_and_resume_reproduces_the_uninterrupted_run(small_store, tmp_path):
     train.main(tiny_train_args(small_store, tmp_path / "a", "--steps", 5))
     train.main(tiny_train_args(small_store, tmp_path / "b", "--steps", 2, "--schedule-steps", 5))
