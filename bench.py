@@ -7,6 +7,8 @@ Benchmarks, nanoGPT-style: each prints what it measured as JSON; nothing here is
     python bench.py forward [--arch vit_small]            # 2 global + 8 local crops: one list call vs two calls
     python bench.py memory [--preset openmidnight]        # a step's device memory, predicted on a CPU
     python bench.py slide [--passes 5]                    # slide_reader.py's patch reader vs eva's, + a ViT-S
+    python bench.py store --out DIR | --open STORE        # a 12,000-slide store: open, memory, descriptors, reads
+    python bench.py chain --store STORE --out DIR         # sampler, manifests, checkpoint, embedding cache at scale
 
 `python bench.py SUBCOMMAND --help` lists its flags (step and memory take every train.py flag too). On an
 H100/H200: python bench.py step --preset openmidnight --batch-size 48 (random weights time the same as --init's).
@@ -27,6 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import augment
+import bench_store
 import data
 import eval_probe
 import prepare_patches
@@ -461,7 +464,8 @@ def bench_slide(argv):
 
 def main(argv):
     benches = {"step": bench_step, "aug": bench_aug, "data": bench_data, "forward": bench_forward,
-               "memory": bench_memory, "slide": bench_slide}
+               "memory": bench_memory, "slide": bench_slide, "store": bench_store.bench_store,
+               "chain": bench_store.bench_chain}
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return

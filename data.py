@@ -1,26 +1,106 @@
 """
 Reading the patch store that prepare_patches.py writes, and feeding it to training:
-PatchStore (random access to decoded patches), MultiCropDataset (a patch -> its augmented crops, seeded by the
-sample alone), InfiniteSampler (disjoint per-rank parts of every epoch, resumable from a sample counter) and
-make_loader (the DataLoader set up for throughput).
+PatchStore (random access to decoded patches through the store's memory-mapped index), MultiCropDataset (a patch
+-> its augmented crops, seeded by the sample alone), InfiniteSampler (disjoint per-rank parts of every epoch,
+resumable from a sample counter) and make_loader (the DataLoader set up for throughput within the open-file limit).
 """
+import bisect
+import errno
+import hashlib
 import io
 import json
 import os
+import resource
+from collections import OrderedDict
 from functools import partial
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 import augment
+from files import atomic_write, lock_folder
+
+
+# -----------------------------------------------------------------------------
+# the store's index: one memory-mapped file, however many slides
+
+INDEX_COLUMNS = ("offset", "length", "level", "x", "y", "size", "mpp")  # mpp: a code into index.json's mpp_values
+NAN = float("nan")  # one object: NaN (no mpp metadata) is then one key of the mpp codes
+
+
+def smallest_uint(largest):
+    return next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if largest <= np.iinfo(t).max)
+
+
+def manifest_sha1(root):
+    with open(os.path.join(root, "manifest.json"), "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def index_is_current(root):
+    """index.json (written after index.npy) names the manifest it was built from and index.npy's size: an index of
+    another manifest, or of a build killed before index.json, is never trusted."""
+    try:
+        with open(os.path.join(root, "index.json")) as f:
+            info = json.load(f)
+        return info if (info.get("version") == 1 and info["manifest_sha1"] == manifest_sha1(root) and
+                        os.path.getsize(os.path.join(root, "index.npy")) == info["bytes"]) else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def build_index(root, progress=True):
+    """index.npy: one packed record per patch (its shard's payload offset and length, level, x, y, read size and
+    mpp code), each column at the smallest unsigned type that holds it, in manifest order; index.json: the manifest
+    it was built from, the mpp values the codes point into, the column types. Built in one pass over the shards'
+    .idx.npz files (the payloads are never read), written atomically, index.json last. prepare_patches.py writes it
+    as a store's last step; a store without one gets it on first open."""
+    with open(os.path.join(root, "manifest.json")) as f:
+        manifest = json.load(f)
+    sha1 = manifest_sha1(root)
+    cols, mpp_codes, shard_bytes = {k: [] for k in INDEX_COLUMNS}, {}, []
+    for shard in tqdm(manifest["shards"], desc=f"index of {root}", unit="slide", disable=not progress):
+        base = os.path.join(root, "shards", shard["key"])
+        with np.load(base + ".idx.npz") as z:
+            values, inverse = np.unique(z["mpp"], return_inverse=True)  # a few values per slide (one a level)
+            codes = [mpp_codes.setdefault(NAN if v != v else float(v), len(mpp_codes)) for v in values]
+            part = {"offset": z["offsets"], "length": z["lengths"], "level": z["level"], "x": z["x"], "y": z["y"],
+                    "size": z["size"], "mpp": np.array(codes)[inverse.reshape(-1)]}
+        end = int((part["offset"] + part["length"]).max())  # the .bin's size: its last payload's end
+        if len(part["offset"]) != shard["n"] or os.path.getsize(base + ".bin") != end:
+            raise ValueError(f"shard {base} does not match the manifest (truncated or replaced); delete it and "
+                             "re-run prepare_patches.py")
+        shard_bytes.append(end)
+        for k, v in part.items():  # each shard's columns at their own smallest type: memory ~ the index's size
+            cols[k].append(v.astype(smallest_uint(int(v.max()))))
+    dtype = np.dtype([(k, smallest_uint(max((int(v.max()) for v in cols[k]), default=0))) for k in INDEX_COLUMNS])
+    records = np.zeros(sum(s["n"] for s in manifest["shards"]), dtype)
+    for k in INDEX_COLUMNS:
+        if cols[k]:
+            records[k] = np.concatenate(cols[k])
+        cols[k] = None
+    atomic_write(os.path.join(root, "index.npy"), lambda f: np.save(f, records))
+    info = {"version": 1, "manifest_sha1": sha1, "n_patches": len(records),
+            "bytes": os.path.getsize(os.path.join(root, "index.npy")),
+            "columns": {k: dtype[k].name for k in INDEX_COLUMNS}, "mpp_values": list(mpp_codes),
+            "shard_bytes": shard_bytes}
+    atomic_write(os.path.join(root, "index.json"), lambda f: f.write(json.dumps(info).encode()))
+    return info
 
 
 class PatchStore:
     """store[i] -> (patch (H, W, 3) uint8, meta {slide, level, x, y, mpp, size}); x, y are level-0 coordinates as
-    openslide.read_region takes them. Only shards listed in manifest.json (written last) are read."""
+    openslide.read_region takes them. Only shards listed in manifest.json (written last) are read.
 
-    def __init__(self, root):
+    At OpenMidnight's scale (12,000 slides, 28.8M patches) opening maps index.npy (no copy: ranks and workers share
+    its pages through the page cache), a pickled store is its path (DataLoader workers reopen it, whatever the
+    start method), and each process keeps at most MAX_OPEN_SHARDS shard files open (least recently used closed)."""
+
+    MAX_OPEN_SHARDS = 16
+
+    def __init__(self, root, check_shards=True):
         self.root = root
         path = os.path.join(root, "manifest.json")
         if not os.path.exists(path):
@@ -28,51 +108,87 @@ class PatchStore:
                     "command to finish it" if os.path.isdir(os.path.join(root, "shards")) else
                     "create one with: python prepare_patches.py SLIDES --out " + root)
             raise FileNotFoundError(f"{root!r} is not a finished patch store (no manifest.json); {hint}")
+        info = index_is_current(root) or self._build(root)
         with open(path) as f:
-            self.manifest = json.load(f)
-        cols = {k: [] for k in ("offsets", "lengths", "level", "x", "y", "mpp", "size")}
-        self.shards, self.slides, shard_of = [], [], []
-        for s_id, shard in enumerate(self.manifest["shards"]):
-            base = os.path.join(root, "shards", shard["key"])
-            with np.load(base + ".idx.npz") as z:
-                for k in cols:
-                    cols[k].append(z[k])
-                n = len(z["offsets"])
-                if n != shard["n"] or os.path.getsize(base + ".bin") != int(z["offsets"][-1] + z["lengths"][-1]):
-                    raise ValueError(f"shard {base} does not match the manifest (truncated or replaced); "
-                                     "delete it and re-run prepare_patches.py")
-            self.shards.append(base + ".bin")
-            self.slides.append(shard["slide"])
-            shard_of.append(np.full(n, s_id, dtype=np.int32))
-        self.index = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
-        self.shard_of = np.concatenate(shard_of) if shard_of else np.zeros(0, dtype=np.int32)
-        self._files, self._pid = {}, None
+            shards = json.load(f)["shards"]
+        self.slides = [s["slide"] for s in shards]
+        self.shard_paths = [os.path.join(root, "shards", s["key"] + ".bin") for s in shards]
+        self.starts = np.cumsum([0] + [s["n"] for s in shards]).tolist()  # shard s: [starts[s], starts[s + 1])
+        # mapped, never read whole; a plain view of the map, whose indexing skips np.memmap's Python-level __getitem__
+        self.index = np.load(os.path.join(root, "index.npy"), mmap_mode="r").view(np.ndarray)
+        self.mpp_values = [float(m) for m in info["mpp_values"]]
+        for path, size in zip(self.shard_paths, info["shard_bytes"]) if check_shards else ():
+            if not os.path.exists(path) or os.path.getsize(path) != size:  # one stat a slide
+                raise ValueError(f"shard {path} does not match the manifest (missing, truncated or replaced): "
+                                 "delete it and its .idx.npz and re-run prepare_patches.py")
+        self._files, self._pid = OrderedDict(), os.getpid()
+
+    @staticmethod
+    def _build(root):
+        """A store written before index.npy existed (or whose manifest changed) gets its index once, under a lock
+        on the store: a second process waits for the first one's index instead of building its own."""
+        try:
+            lock = lock_folder(root, ".index.lock", wait=True)
+        except OSError as e:
+            raise SystemExit(f"{root} has no current index.npy and cannot be written ({e.strerror}): build it once "
+                             f"as a user who can write there: python -c \"import data; data.build_index('{root}')\"")
+        with lock:
+            return index_is_current(root) or build_index(root)
 
     def __len__(self):
-        return len(self.shard_of)
+        return len(self.index)
 
-    def read_bytes(self, i):
-        if self._pid != os.getpid():  # file handles are per process (DataLoader workers fork)
-            self._files, self._pid = {}, os.getpid()
-        s = int(self.shard_of[i])
-        if s not in self._files:
-            self._files[s] = os.open(self.shards[s], os.O_RDONLY)
-        return os.pread(self._files[s], int(self.index["lengths"][i]), int(self.index["offsets"][i]))
+    def locate(self, i):
+        """(shard, its offset, length, level, x, y, size, mpp code) of patch i: one record, as Python ints."""
+        return (bisect.bisect_right(self.starts, i) - 1, *self.index[i].item())
 
-    def meta(self, i):
-        ix = self.index
-        return {"slide": self.slides[int(self.shard_of[i])], "level": int(ix["level"][i]), "x": int(ix["x"][i]),
-                "y": int(ix["y"][i]), "mpp": float(ix["mpp"][i]), "size": int(ix["size"][i])}
+    def _open(self, s):
+        """The shard's descriptor from a per-process LRU (DataLoader workers fork: inherited ones are closed)."""
+        if self._pid != os.getpid():
+            for fd in self._files.values():
+                os.close(fd)
+            self._files, self._pid = OrderedDict(), os.getpid()
+        if s in self._files:
+            self._files.move_to_end(s)
+            return self._files[s]
+        if len(self._files) >= self.MAX_OPEN_SHARDS:
+            os.close(self._files.popitem(last=False)[1])
+        try:
+            self._files[s] = os.open(self.shard_paths[s], os.O_RDONLY)
+        except OSError as e:
+            if e.errno != errno.EMFILE:
+                raise
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            raise OSError(e.errno, f"too many open files in process {os.getpid()}: its limit (RLIMIT_NOFILE, "
+                          f"`ulimit -n`) is {soft} (hard {hard}) and the patch store holds at most "
+                          f"{self.MAX_OPEN_SHARDS}; raise it (ulimit -n 4096) or lower --workers") from None
+        return self._files[s]
+
+    def read_bytes(self, i, where=None):
+        s, offset, length = (where or self.locate(i))[:3]
+        payload = os.pread(self._open(s), length, offset)
+        if len(payload) != length:
+            raise ValueError(f"{self.shard_paths[s]} is shorter than its index says (truncated or replaced): delete "
+                             "it and re-run prepare_patches.py")
+        return payload
+
+    def meta(self, i, where=None):
+        s, _, _, level, x, y, size, mpp = where or self.locate(i)
+        return {"slide": self.slides[s], "level": level, "x": x, "y": y, "mpp": self.mpp_values[mpp], "size": size}
 
     def __getitem__(self, i):
         if not 0 <= i < len(self):
             raise IndexError(f"patch {i} out of range for a store of {len(self)}")
-        img = Image.open(io.BytesIO(self.read_bytes(i)))
+        where = self.locate(i)
+        img = Image.open(io.BytesIO(self.read_bytes(i, where)))
         img.draft("RGB", img.size)  # JPEG: decode straight to RGB at full size
-        return np.asarray(img.convert("RGB")), self.meta(i)
+        return np.asarray(img.convert("RGB")), self.meta(i, where)
 
-    def __getstate__(self):  # no open file descriptors into worker processes
-        return {**self.__dict__, "_files": {}, "_pid": None}
+    def __getstate__(self):  # a pickled store is its path: a worker maps the same index.npy, nothing is copied
+        return {"root": self.root}
+
+    def __setstate__(self, state):  # the shards were checked where the store was first opened
+        self.__init__(state["root"], check_shards=False)
 
 
 def sample_generator(seed, epoch, index):
@@ -125,7 +241,9 @@ class InfiniteSampler(torch.utils.data.Sampler):
         if epoch != self._perm_epoch:
             # an epoch's permutation has its own seed space (1_000_003, a prime, keeps seeds and epochs apart)
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).numpy(), epoch
+            # int32 halves the permutation's memory (115 MB for 28.8M patches) and draws the same order as int64
+            dtype = torch.int32 if self.n < 2**31 else torch.int64
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g, dtype=dtype).numpy(), epoch
         return epoch, int(self._perm[j]), position
 
     def __iter__(self):
@@ -150,13 +268,49 @@ def collate_batch(samples, global_batch, seed=0, ratio_min_max=(0.1, 0.45), samp
     masks = augment.sample_masks(2 * global_batch, grid, ratio_min_max, sample_prob, g)  # rows [g1 all; g2 all]
     slots = [s["position"] % global_batch for s in samples]
     rows = [v * global_batch + slot for v in range(2) for slot in slots]
-    return augment.collate(samples, masks[rows])
+    batch = augment.collate(samples, masks[rows])
+    return one_storage(batch) if torch.utils.data.get_worker_info() else batch
+
+
+def one_storage(batch):
+    """The batch's tensors (crops, colour parameters, masks, ids: ~24) copied into views of one buffer. A worker
+    hands each storage to the main process as a file descriptor, which stays open there while the batch waits in
+    the prefetch queue (torch's default file_descriptor sharing): one per batch instead of ~24 lets workers x
+    prefetch_factor batches fit a low RLIMIT_NOFILE (`ulimit -n`)."""
+    slots = [(d, k, v) for d in (batch, *(v for v in batch.values() if isinstance(v, dict)))
+             for k, v in d.items() if torch.is_tensor(v)]
+    starts, end = [], 0
+    for _, _, t in slots:
+        start = -(-end // 8) * 8  # 8-byte aligned, so that any dtype can view its slice
+        starts.append(start)
+        end = start + t.numel() * t.element_size()
+    buf = torch.empty(end, dtype=torch.uint8)
+    for (d, k, t), start in zip(slots, starts):
+        d[k] = buf[start:start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        d[k].copy_(t)
+    return batch
+
+
+def fit_open_files(workers, prefetch_factor):
+    """The main process holds about 32 files of its own, the store's shards, and per worker its pipes and one
+    descriptor per batch in flight (one_storage): raise the soft RLIMIT_NOFILE towards the hard one if that does
+    not fit (no privilege needed), or stop with the limit named and how to raise it."""
+    need = 32 + PatchStore.MAX_OPEN_SHARDS + workers * (3 + prefetch_factor)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise SystemExit(f"the open-file limit (RLIMIT_NOFILE, `ulimit -n`) is {soft} (hard limit {hard}); "
+                         f"{workers} loader workers need about {need}: raise it (ulimit -n 4096, or ask for a higher "
+                         "hard limit) or lower --workers")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def make_loader(store, batch_size, cfg=None, seed=0, rank=0, world_size=1, start=0, on_device=False, workers=4,
                 pin_memory=False, prefetch_factor=4, mask_ratio=(0.1, 0.45), mask_prob=0.5, patch_size=14):
     """DataLoader over the store: workers decode and crop (and, unless on_device, run the colour ops); persistent
     workers, prefetching and pinned memory keep the device fed. `start` = samples this rank already consumed."""
+    fit_open_files(workers, prefetch_factor)
     dataset = MultiCropDataset(store, cfg, seed, on_device)
     sampler = InfiniteSampler(len(store), batch_size, rank, world_size, seed, start)
     grid = (cfg or augment.AugmentConfig()).global_size // patch_size  # iBOT masks live on the patch grid

@@ -29,7 +29,7 @@ from tqdm import tqdm
 import augment
 import eval_probe
 from model import load_backbone
-from prepare_patches import atomic_write
+from files import atomic_write
 
 # HEST-bench's task folders, as OpenMidnight's config enables them (HCC stays off); the paper writes ccRCC and LUAD
 TASKS = ("IDC", "PRAD", "PAAD", "SKCM", "COAD", "READ", "CCRCC", "LUNG", "LYMPH_IDC")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import augment
 from model import autocast, load_backbone
-from prepare_patches import atomic_write
+from files import atomic_write
 
 # the frozen feature of an image: CLS (DINOv2, OpenMidnight, eva), CLS + mean patch token (Midnight, Virchow2), or
 # the mean patch token

@@ -53,7 +53,7 @@ from tqdm import tqdm
 import augment
 from eval_probe import FEATURES, cache_key, file_key, resize, resize_and_crop, save_results
 from model import autocast, load_backbone
-from prepare_patches import atomic_write
+from files import atomic_write
 
 CLASSES = {"consep": ["background", "other", "inflammatory", "epithelial", "spindle-shaped"],
            "monusac": ["Background", "Epithelial", "Lymphocyte", "Neutrophil", "Macrophage", "Ambiguous"]}

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import eval_probe
-from prepare_patches import atomic_write
+from files import atomic_write
 
 # -----------------------------------------------------------------------------
 # the columns: data folder, the script that runs it, its protocol's argv, and eva's n_runs (its configs)

@@ -11,14 +11,19 @@ Positions are drawn in level-0 coordinates over the whole slide, with the patch 
 list drew level-k positions as if they were level-0: RECIPE.md §7.1). Candidates come from a tissue mask of a
 thumbnail; each patch is then verified at full resolution with OpenMidnight's HSV rule.
 
-Store layout: STORE/shards/<slide key>.bin (concatenated JPEG/PNG bytes) and <slide key>.idx.npz (offsets,
-lengths, level, x, y, mpp), written per slide to a temp file, fsynced and renamed, the index last; then
-STORE/manifest.json, written last of all. A killed run re-run with the same command skips finished slides and
-ends with the same store. STORE/report.json says what happened to every slide; STORE/qc/ holds thumbnails with the
-tissue mask and the sampled patches drawn on them.
+Store layout, each file written to a temp file, fsynced and renamed (files.atomic_write), in this order:
+  STORE/shards/<slide key>.bin       a slide's patches, encoded (JPEG or PNG) and concatenated
+  STORE/shards/<slide key>.idx.npz   per patch: offset and length in the .bin, level, x, y (level 0), mpp, read size;
+                                     the slide's path and report (a .bin without it is redone, never read)
+  STORE/report.json, manifest.json   every slide's outcome; the finished shards (the store exists once it is written)
+  STORE/index.npy, index.json        all patches' records in one memory-mapped file, each column at its smallest
+                                     type (~17 bytes a patch: 490 MB for 28.8M), and what it was built from
+                                     (data.build_index; a store written before it gets it on first open)
+A killed run re-run with the same command skips finished slides and ends with the same store. STORE/qc/ holds
+thumbnails with the tissue mask and the sampled patches drawn on them. --num-shards parts write
+manifest-part*.json and report-part*.json; --merge combines them into manifest.json, report.json and the index.
 """
 import argparse
-import errno
 import functools
 import glob
 import hashlib
@@ -33,6 +38,9 @@ from multiprocessing import Pool
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+import data
+from files import atomic_write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_SLIDE = os.path.join(HERE, "assets", "cmu_small_region.svs")
@@ -268,41 +276,11 @@ def draw_qc(thumb, mask, boxes, sx, sy):
     return img
 
 
-def atomic_write(path, write, size_hint=None):
-    """Write a file so that a reader sees either the old file or the whole new one, never a part of it: write(f)
-    fills a temporary file beside `path`, which is fsynced and renamed over it (atomic on POSIX). On any failure
-    (a full disk, an exception, a kill) the old file stays and no temporary file is left to be trusted later; a
-    full disk is reported as such, with the free space and, if given, the bytes the file needs."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            need = f", about {size_hint / 2**30:.2f} GiB needed" if size_hint else ""
-            raise OSError(errno.ENOSPC, f"No space left on device writing {path} "
-                          f"({shutil.disk_usage(folder).free / 2**30:.2f} GiB free{need}); the previous file is "
-                          "kept: free some space and run the same command again") from None
-        raise
-    fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def process_slide(job):
     """Worker: one slide -> shards/<key>.bin + .idx.npz (+ qc/<key>.jpg). Never raises: failures are reported."""
     path, args = job
     key = slide_key(path)
-    shard_dir = os.path.join(args.out, "shards")
-    idx_path = os.path.join(shard_dir, key + ".idx.npz")
+    idx_path = os.path.join(args.out, "shards", key + ".idx.npz")
     if os.path.exists(idx_path):  # finished by an earlier run: reuse it
         with np.load(idx_path) as z:
             return json.loads(str(z["report"]))
@@ -317,22 +295,32 @@ def process_slide(job):
                       f"(accept rates {[v.get('accept_rate') for v in report['levels'].values()]})")
         return report
     report.update(status="ok", seconds=round(time.time() - t0, 2))
-    lengths = np.array([len(p) for p in payloads], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    rows = np.array(rows, dtype=np.float64)
-    try:  # the index goes last: a shard without its index is redone by the next run, never read
-        atomic_write(os.path.join(shard_dir, key + ".bin"), lambda f: [f.write(p) for p in payloads],
-                     size_hint=int(lengths.sum()))
-        if qc is not None:
-            os.makedirs(os.path.join(args.out, "qc"), exist_ok=True)
-            atomic_write(os.path.join(args.out, "qc", key + ".jpg"), lambda f: qc.save(f, "JPEG", quality=85))
-        atomic_write(idx_path, lambda f: np.savez(
-            f, offsets=offsets, lengths=lengths, level=rows[:, 0].astype(np.int32), x=rows[:, 1].astype(np.int64),
-            y=rows[:, 2].astype(np.int64), mpp=rows[:, 3], size=rows[:, 4].astype(np.int32), slide=np.array(path),
-            report=np.array(json.dumps(report))))
+    try:
+        write_shard(args.out, key, path, payloads, rows, report, qc)
     except OSError as e:  # a full disk stops the whole run (the other slides would fail alike)
         return {"slide": path, "key": key, "n_patches": 0, "status": "write_failed", "reason": str(e)}
     return report
+
+
+def write_shard(out, key, slide, payloads, rows, report, qc=None, payload_of=None):
+    """One slide's part of the store, each file written atomically and the index last (a shard without its index is
+    redone by the next run, never read): shards/<key>.bin, the encoded payloads concatenated; qc/<key>.jpg; then
+    shards/<key>.idx.npz, per patch its payload's offset and length in the .bin, level, x, y, mpp and read size
+    (rows: (level, x, y, mpp, size) per patch), with the slide's path and report. Patch i is payloads[payload_of[i]]
+    (default payloads[i]; bench.py's synthetic stores let many patches share a few real JPEGs)."""
+    sizes = np.array([len(p) for p in payloads], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    which = np.arange(len(payloads)) if payload_of is None else np.asarray(payload_of)
+    rows = np.asarray(rows, dtype=np.float64)
+    atomic_write(os.path.join(out, "shards", key + ".bin"), lambda f: [f.write(p) for p in payloads],
+                 size_hint=int(sizes.sum()))
+    if qc is not None:
+        os.makedirs(os.path.join(out, "qc"), exist_ok=True)
+        atomic_write(os.path.join(out, "qc", key + ".jpg"), lambda f: qc.save(f, "JPEG", quality=85))
+    atomic_write(os.path.join(out, "shards", key + ".idx.npz"), lambda f: np.savez(
+        f, offsets=starts[which], lengths=sizes[which], level=rows[:, 0].astype(np.int32),
+        x=rows[:, 1].astype(np.int64), y=rows[:, 2].astype(np.int64), mpp=rows[:, 3], size=rows[:, 4].astype(np.int32),
+        slide=np.array(slide), report=np.array(json.dumps(report))))
 
 
 # -----------------------------------------------------------------------------
@@ -389,6 +377,8 @@ def prepare(args):
     part = f"-part{args.shard_index}-of{args.num_shards}" if args.num_shards > 1 else ""
     write_report(args.out, reports, f"report{part}.json")
     manifest = write_manifest(args.out, reports, args, f"manifest{part}.json")
+    if not part:  # a finished store's last step (parts get theirs from --merge)
+        data.build_index(args.out)
     ok = sum(r.get("status") == "ok" for r in reports)
     print(f"{manifest['n_patches']} patches from {ok}/{len(slides)} slides in {time.time() - t0:.1f}s "
           f"({len(slides) - ok} skipped, see {os.path.join(args.out, 'report' + part + '.json')})")
@@ -407,6 +397,10 @@ def merge(args):
         src = os.path.dirname(pf)
         with open(pf) as f:
             part = json.load(f)
+        report_file = os.path.join(src, os.path.basename(pf).replace("manifest", "report", 1))
+        if os.path.exists(report_file):  # every slide of the part, skipped ones with their reason
+            with open(report_file) as f:
+                reports.update({r["key"]: r for r in json.load(f)})
         settings = settings or {k: part[k] for k in ("format", "patch_size", "sampling")}
         for shard in part["shards"]:
             for ext in (".bin", ".idx.npz"):
@@ -418,11 +412,15 @@ def merge(args):
                     except OSError:  # another filesystem: a copy, atomic like every write here
                         with open(a, "rb") as src_file:
                             atomic_write(b, lambda f: shutil.copyfileobj(src_file, f))
-            reports[shard["key"]] = {**shard, "status": "ok", "n_patches": shard["n"]}
+            reports.setdefault(shard["key"], {"slide": shard["slide"], "key": shard["key"]}).update(
+                status="ok", n_patches=shard["n"])
     if not reports:
         raise SystemExit(f"nothing to merge: no manifest-part*.json in {args.out} and no manifest in {args.merge}")
-    manifest = write_manifest(args.out, list(reports.values()), args, settings=settings)
-    print(f"merged {len(part_files)} parts: {manifest['n_patches']} patches from {len(reports)} slides")
+    reports = sorted(reports.values(), key=lambda r: r["key"])
+    write_report(args.out, reports)
+    manifest = write_manifest(args.out, reports, args, settings=settings)
+    data.build_index(args.out)
+    print(f"merged {len(part_files)} parts: {manifest['n_patches']} patches from {len(manifest['shards'])} slides")
     return manifest
 
 

@@ -13,13 +13,11 @@ recipe, with its source: RECIPE.md (hyper-parameters §8, losses §4, augmentati
 import argparse
 import contextlib
 import datetime
-import fcntl
 import glob
 import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,7 +34,8 @@ import data
 import eval_probe
 import loss as L
 from model import ARCHS, DINOHead, ViT, autocast, load_into, read_checkpoint
-from prepare_patches import atomic_write, bounded
+from files import atomic_write, lock_folder
+from prepare_patches import bounded
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if not {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(os.environ):  # read at the first CUDA allocation
@@ -54,11 +53,13 @@ PRESETS = {
     # single-GPU ablation: ViT-S/14 reg4 with the plain MLP FFN of Meta's ViT-S hub weights
     "vits": dict(arch="vit_small", ffn="mlp", batch_size=64, steps=100_000, drop_path=0.1, n_prototypes=65536),
     # the run behind OpenMidnight's released checkpoint (RECIPE.md §0, §8), its known bugs fixed
+    # (a ViT-g checkpoint is ~20 GB: every 2500 steps, ~50 min at OpenMidnight's ~40 images/s per GPU, the other
+    # ranks' wait while rank 0 writes it stays under 2% even at 0.34 GB/s, README "The store and the chain at scale")
     "openmidnight": dict(arch="vit_giant2", ffn="swiglu", batch_size=48, steps=250_000, schedule_steps=10_000_000,
-                         base_lr=2e-4, export_every=12_500),
+                         base_lr=2e-4, export_every=12_500, checkpoint_every=2_500),
     # OpenMidnight's current config file: base lr 3e-4, a full cosine over 137.5k steps
     "openmidnight-config": dict(arch="vit_giant2", ffn="swiglu", batch_size=48, steps=137_500, base_lr=3e-4,
-                                export_every=2_500),
+                                export_every=2_500, checkpoint_every=2_500),
 }
 
 
@@ -482,23 +483,12 @@ def train_step(st, batch, args):
 
 
 def lock_run_dir(out):
-    """An exclusive lock on --out, held until the process exits (the kernel drops it even after kill -9): a second
-    job on the same directory would interleave metrics.jsonl and rotate the first one's checkpoints."""
-    os.makedirs(out, exist_ok=True)
-    f = open(os.path.join(out, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        raise SystemExit(f"{out} is in use by another training process ({f.read().strip() or 'unknown'}): wait for "
-                         "it to end, or give another --out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on host {socket.gethostname()}")
-    f.flush()
+    """An exclusive lock on --out until the process exits: a second job on the same directory would interleave
+    metrics.jsonl and rotate the first one's checkpoints."""
+    lock = lock_folder(out, what="another training process")
     for tmp in glob.glob(os.path.join(out, ".*.tmp*")) + glob.glob(os.path.join(out, "exports", ".*.tmp*")):
         os.remove(tmp)  # a killed run's half-written files: never read; ours now that we hold the lock
-    return f
+    return lock
 
 
 def checkpoint_files(out):
@@ -662,17 +652,20 @@ def collective_failures(rank, args, world):
 
 
 def open_store(args, master, world):
-    """The patch store. With no --data, the demo makes its own from the bundled slide (prepare_patches.py --demo:
-    a store and a labelled probe set); any --data given must be a finished store."""
+    """The patch store, opened by rank 0 first (which builds its index if it was written before index.npy existed).
+    With no --data, the demo makes its own from the bundled slide (prepare_patches.py --demo: a store and a
+    labelled probe set); any --data given must be a finished store."""
     if args.data is None:
         args.data = os.path.join(HERE, "data", "sample_store")
         args.probe_data = args.probe_data or os.path.join(HERE, "data", "sample_probe")
         if master and not os.path.exists(os.path.join(args.probe_data, "DONE")):
             subprocess.run([sys.executable, os.path.join(HERE, "prepare_patches.py"), "--demo", "--out", args.data,
                             "--probe-out", args.probe_data], check=True)
+    store = data.PatchStore(args.data) if master else None  # builds the store's index if it has none yet
     if world > 1:
-        dist.barrier()
-    store = data.PatchStore(args.data)
+        dist.barrier()  # the other ranks wait for it (--dist-timeout), then map the same index.npy
+    if store is None:
+        store = data.PatchStore(args.data, check_shards=False)
     if len(store) == 0:
         raise SystemExit(f"the patch store {args.data} holds no patches (see its report.json for why every slide "
                          "was skipped)")
@@ -785,7 +778,8 @@ def main(argv=None):
     rank, world, local, device = setup_distributed(args)
     master = rank == 0
     lock = lock_run_dir(args.out) if master else None
-    store = open_store(args, master, world)
+    with collective_failures(rank, args, world):  # rank 0 may fail opening the store while the others wait
+        store = open_store(args, master, world)
     aug_cfg = augment_config(args)
     # 2. build the student, the teacher and the optimizer; 3. resume from the newest readable checkpoint
     st = build_state(args, device, rank, world, local)

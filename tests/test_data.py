@@ -1,6 +1,9 @@
 """prepare_patches.py and data.py: stored pixels, coordinates, tissue test, crash safety, bad input, sampler."""
 import json
 import os
+import pickle
+import re
+import resource
 import signal
 import shutil
 import subprocess
@@ -202,6 +205,10 @@ def test_split_over_machines_then_merge(tmp_path):
         run_prepare(d, "--out", tmp_path / "parts", "--patches-per-level", 4, "--num-shards", 2, "--shard-index", k)
     assert P.main(["--merge", "--out", str(tmp_path / "parts")]) == 0
     assert store_bytes(tmp_path / "parts") == store_bytes(tmp_path / "whole")
+    outcome = lambda root: [(r["key"], r["status"], r["n_patches"])  # noqa: E731
+                            for r in json.load(open(os.path.join(root, "report.json")))]
+    assert outcome(tmp_path / "parts") == outcome(tmp_path / "whole")  # the parts' reports, combined
+    assert data.PatchStore(str(tmp_path / "parts")).meta(5) == data.PatchStore(str(tmp_path / "whole")).meta(5)
     # or parts written to separate stores (separate machines), merged into a new one
     run_prepare(d, "--out", tmp_path / "a", "--patches-per-level", 4, "--num-shards", 2, "--shard-index", 0)
     run_prepare(d, "--out", tmp_path / "b", "--patches-per-level", 4, "--num-shards", 2, "--shard-index", 1)
@@ -215,6 +222,168 @@ def test_truncated_shard_is_refused(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated"):
         data.PatchStore(str(tmp_path / "st"))
+    store = data.PatchStore(str(tmp_path / "st"), check_shards=False)  # as a worker opens it: the read itself
+    with pytest.raises(ValueError, match="shorter than its index says"):
+        store[len(store) - 1]
+
+
+# -- the store at scale: one memory-mapped index, bounded descriptors ------------------------------------------------
+
+def patches_from_the_shard_files(root):
+    """Every patch's bytes and metadata read straight from the shard files, without data.py."""
+    manifest = json.load(open(os.path.join(root, "manifest.json")))
+    out = []
+    for shard in manifest["shards"]:
+        base = os.path.join(root, "shards", shard["key"])
+        with np.load(base + ".idx.npz") as z, open(base + ".bin", "rb") as f:
+            blob = f.read()
+            for o, n, lv, x, y, mpp, size in zip(z["offsets"], z["lengths"], z["level"], z["x"], z["y"], z["mpp"],
+                                                 z["size"]):
+                out.append((blob[o:o + n], {"slide": shard["slide"], "level": int(lv), "x": int(x), "y": int(y),
+                                            "mpp": float(mpp), "size": int(size)}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    """A store of 300 slides of 3 patches each, written by prepare_patches.py's own writer (bench.py store's
+    synthetic store at a small size): more shards than the descriptor limits below."""
+    import bench_store
+    root = str(tmp_path_factory.mktemp("many"))
+    bench_store.write_synthetic_store(root, 300, 3, progress=False)
+    return root
+
+
+READ_UNDER_A_LIMIT = """
+import json, random, resource, sys, zlib
+sys.path.insert(0, {root!r})
+import torch
+import augment, data
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+store = data.PatchStore(sys.argv[1])
+order = list(range(len(store)))
+random.Random(0).shuffle(order)
+crcs = {{i: zlib.crc32(store.read_bytes(i)) for i in order}}
+
+class Crc(torch.utils.data.Dataset):
+    def __len__(self):
+        return len(store)
+    def __getitem__(self, i):
+        return i, zlib.crc32(store.read_bytes(i))
+
+loaded = dict(torch.utils.data.DataLoader(Crc(), batch_size=None, num_workers=4, prefetch_factor=8))
+cfg = augment.AugmentConfig(global_size=56, local_size=28, n_local_crops=2)
+batches = iter(data.make_loader(store, 8, cfg, workers=4, on_device=True, patch_size=14))
+shapes = [tuple(next(batches)["global_crops"].shape) for _ in range(4)]
+try:
+    data.make_loader(store, 8, cfg, workers=32, on_device=True, patch_size=14)
+    too_many = None
+except SystemExit as e:
+    too_many = str(e)
+print(json.dumps({{"in_process": crcs, "loader": loaded, "shapes": shapes, "limit": resource.getrlimit(7),
+                  "too_many": too_many}}))
+"""
+
+
+def test_a_store_with_more_shards_than_the_descriptor_limit_is_read_completely(many_shards, tmp_path):
+    # 300 shard files under RLIMIT_NOFILE 128 (soft and hard): every patch is read in a random order in one
+    # process, then through a DataLoader with 4 workers, then the training loader (4 workers) gives batches
+    script = tmp_path / "read.py"
+    script.write_text(READ_UNDER_A_LIMIT.format(root=ROOT))
+    run = subprocess.run([sys.executable, str(script), many_shards], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    import zlib
+    expected = {str(i): zlib.crc32(b) for i, (b, _) in enumerate(patches_from_the_shard_files(many_shards))}
+    assert len(expected) == 900 and out["in_process"] == expected and out["loader"] == expected
+    assert out["shapes"] == [[16, 3, 56, 56]] * 4 and out["limit"] == [128, 128]
+    # 32 workers do not fit 128 descriptors: the error names the limit and how to raise it
+    assert re.fullmatch(r"the open-file limit \(RLIMIT_NOFILE, `ulimit -n`\) is 128 \(hard limit 128\); 32 loader "
+                        r"workers need about \d+: raise it \(ulimit -n 4096.*lower --workers", out["too_many"])
+
+
+def test_open_descriptors_stay_bounded_and_a_too_low_limit_names_itself(many_shards):
+    store = data.PatchStore(many_shards)
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(len(store)):
+        store.read_bytes(i)
+    assert len(os.listdir("/proc/self/fd")) - before <= store.MAX_OPEN_SHARDS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fresh = data.PatchStore(many_shards)
+    try:
+        lowest_free = os.open(os.devnull, os.O_RDONLY)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no room for one more file
+        with pytest.raises(OSError, match=r"too many open files.*RLIMIT_NOFILE, `ulimit -n`\) is \d+.*ulimit -n 4096"):
+            fresh.read_bytes(0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_pickled_store_is_its_path_and_reads_the_same(many_shards):
+    store = data.PatchStore(many_shards)
+    blob = pickle.dumps(store)
+    assert len(blob) < 300 and len(pickle.dumps(data.MultiCropDataset(store))) < 1000  # no index inside
+    copy = pickle.loads(blob)
+    assert all(copy.read_bytes(i) == store.read_bytes(i) and copy.meta(i) == store.meta(i)
+               for i in range(len(store)))
+    assert isinstance(copy.index.base, np.memmap)  # mapped again from index.npy, not carried
+
+
+def test_a_store_written_before_the_index_opens_with_the_same_patches(tmp_path):
+    run_prepare(SAMPLE_SLIDE, "--out", tmp_path / "st", "--patches-per-level", 20, "--mpp", "0.5", "1", "2")
+    root = str(tmp_path / "st")
+    for name in ("index.npy", "index.json"):  # a store in the layout written before index.npy
+        os.remove(os.path.join(root, name))
+    store = data.PatchStore(root)  # builds the index once
+    assert os.path.exists(os.path.join(root, "index.json"))
+    expected = patches_from_the_shard_files(root)
+    assert [(store.read_bytes(i), store.meta(i)) for i in range(len(store))] == expected
+    assert {m["mpp"] for _, m in expected} == {0.5, 1.0, 2.0}
+    # each column at the smallest unsigned type that holds it: a small slide's coordinates fit 16 bits
+    types = {name: store.index.dtype[name] for name in store.index.dtype.names}
+    assert types == {"offset": np.uint32, "length": np.uint16, "level": np.uint8, "x": np.uint16, "y": np.uint16,
+                     "size": np.uint16, "mpp": np.uint8}
+    assert store.index.dtype.itemsize == 4 + 2 + 1 + 2 + 2 + 2 + 1  # packed
+
+
+KILL_INDEX_BUILD = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import data
+real = data.atomic_write
+def atomic_write(path, *args, **kwargs):
+    if path.endswith("index.json"):  # index.npy is complete, index.json not yet written
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, *args, **kwargs)
+data.atomic_write = atomic_write
+data.PatchStore(sys.argv[1])
+"""
+
+
+def test_the_index_of_a_killed_build_or_another_manifest_is_never_trusted(tmp_path):
+    run_prepare(SAMPLE_SLIDE, "--out", tmp_path / "st", "--patches-per-level", 10)
+    root = str(tmp_path / "st")
+    expected = patches_from_the_shard_files(root)
+    os.remove(os.path.join(root, "index.json"))
+    np.save(os.path.join(root, "index.npy"), np.zeros(3, dtype=[("offset", np.uint8)]))  # a stale, wrong index
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_INDEX_BUILD.format(root=ROOT))
+    assert subprocess.run([sys.executable, str(script), root]).returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(root, "index.json"))  # the killed build left no index to trust
+    assert [(b, m) for b, m in zip(*zip(*((data.PatchStore(root).read_bytes(i), data.PatchStore(root).meta(i))
+                                          for i in range(len(expected)))))] == expected
+    # an index built from another manifest (a store re-merged or resumed since) is rebuilt, not used
+    manifest = os.path.join(root, "manifest.json")
+    info = json.load(open(os.path.join(root, "index.json")))
+    open(manifest, "a").write("\n")
+    store = data.PatchStore(root)
+    assert json.load(open(os.path.join(root, "index.json")))["manifest_sha1"] != info["manifest_sha1"]
+    assert [(store.read_bytes(i), store.meta(i)) for i in range(len(store))] == expected
+    # an index.npy cut short under a current index.json: rebuilt too
+    with open(os.path.join(root, "index.npy"), "r+b") as f:
+        f.truncate(100)
+    assert [data.PatchStore(root).meta(i) for i in range(len(expected))] == [m for _, m in expected]
 
 
 # -- sampler and loader -------------------------------------------------------------------------------------------

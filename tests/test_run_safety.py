@@ -42,7 +42,7 @@ def test_kill_9_at_random_moments_never_costs_more_than_the_current_step(small_s
     # a run checkpointing every step is killed (SIGKILL, no clean-up) at random moments, often inside a save;
     # every restart must resume from the newest complete checkpoint on disk, and the losses must continue exactly
     # as an uninterrupted run's
-    steps, env = 10, {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads, so the same float sums
+    steps, env = 20, {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads, so the same float sums
     argv = tiny_train_args(small_store, tmp_path / "whole", "--steps", steps, "--checkpoint-every", 1,
                            "--export-every", 100)
     threads = torch.get_num_threads()
@@ -54,7 +54,7 @@ def test_kill_9_at_random_moments_never_costs_more_than_the_current_step(small_s
     reference = losses(tmp_path / "whole")
     out = tmp_path / "killed"
     argv[argv.index("--out") + 1] = str(out)
-    rng, restarts = random.Random(0), 0
+    rng, restarts, kills = random.Random(0), 0, 0
     while True:
         before = readable_steps(out) if out.exists() else set()
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT, env=env,
@@ -73,9 +73,10 @@ def test_kill_9_at_random_moments_never_costs_more_than_the_current_step(small_s
         if before:
             assert resumed and resumed[0].endswith(f"at step {max(before)}"), (before, stdout[-500:])
         restarts += 1
+        kills += proc.returncode == -signal.SIGKILL
         if proc.returncode == 0:
             break
-    assert restarts >= 5
+    assert kills >= 2  # 4 are tried; a busy machine may let the run end before the last ones
     assert losses(out) == reference  # the log reads as one run: no duplicated or missing steps
     a = torch.load(tmp_path / "whole" / "teacher_backbone.pth", weights_only=True)
     b = torch.load(out / "teacher_backbone.pth", weights_only=True)
