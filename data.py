@@ -17,9 +17,9 @@ from functools import partial
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 import augment
+import cli
 from files import atomic_write, lock_folder
 
 
@@ -61,7 +61,7 @@ def build_index(root, progress=True):
         manifest = json.load(f)
     sha1 = manifest_sha1(root)
     cols, mpp_codes, shard_bytes = {k: [] for k in INDEX_COLUMNS}, {}, []
-    for shard in tqdm(manifest["shards"], desc=f"index of {root}", unit="slide", disable=not progress):
+    for shard in cli.progress(manifest["shards"], desc=f"index of {root}", unit="slide", disable=not progress):
         base = os.path.join(root, "shards", shard["key"])
         with np.load(base + ".idx.npz") as z:
             values, inverse = np.unique(z["mpp"], return_inverse=True)  # a few values per slide (one a level)

@@ -15,7 +15,6 @@ mahmoodlab/HEST's protocol (bench/benchmark.py, trainer.py, st_dataset.py at afd
   fold = mean over genes, task = mean and std (ddof 0) over folds, headline = mean over the tasks.
 Layout: <root>/<TASK>/{patches/<id>.h5, adata/<id>.h5ad, var_50genes.json, splits/{train,test}_<i>.csv} (h5py).
 """
-import argparse
 import csv
 import json
 import os
@@ -24,12 +23,12 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import augment
 import eval_probe
-from model import load_backbone
+from cli import Parser, bounded, existing_path, progress
 from files import atomic_write
+from model import load_backbone, weights_arg
 
 # HEST-bench's task folders, as OpenMidnight's config enables them (HCC stays off); the paper writes ccRCC and LUAD
 TASKS = ("IDC", "PRAD", "PAAD", "SKCM", "COAD", "READ", "CCRCC", "LUNG", "LYMPH_IDC")
@@ -283,7 +282,8 @@ def sample_features(backbone, patches_path, args):
     if os.path.exists(path):
         return np.load(path)
     feats = []
-    for imgs in tqdm(patch_batches(patches_path, args.batch_size), desc=os.path.basename(patches_path), leave=False):
+    batches = patch_batches(patches_path, args.batch_size)
+    for imgs in progress(batches, desc=f"features of {os.path.basename(patches_path)}", leave=False):
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
         feats.append(eval_probe.embed(backbone, augment.normalize(x, *augment.NORMS[args.norm]), args.features,
                                      args.dtype))
@@ -303,19 +303,22 @@ def fold_data(backbone, samples, genes, args, memo):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="checkpoint / export / hub file (local path)")
-    p.add_argument("--data", required=True, help="HEST-bench root holding the task folders")
+    p = Parser(description=__doc__)
+    p.add_argument("--weights", required=True, type=weights_arg,
+                   help="checkpoint / export / hub file or model folder (local path)")
+    p.add_argument("--data", required=True, type=existing_path, help="HEST-bench root holding the task folders")
     p.add_argument("--dataset", default="hest", choices=["hest"], help="the benchmark (HEST-bench only)")
     p.add_argument("--tasks", nargs="+", help=f"task folders (default: those of {TASKS} present; ccRCC, LUAD work)")
     p.add_argument("--out", default="results_hest.json", help="results JSON")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an --out holding other weights' or settings' results")
     p.add_argument("--features", default="cls", choices=eval_probe.FEATURES, help="the patch feature (HEST: cls)")
     p.add_argument("--norm", default="imagenet", choices=sorted(augment.NORMS),
                    help="input normalisation of the backbone (HEST and OpenMidnight: imagenet)")
     p.add_argument("--arch", default=None, help="override the arch inferred from the weights")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="GPU precision (OM: float32)")
-    p.add_argument("--latent-dim", type=int, default=LATENT_DIM, help="PCA dimensions (HEST: 256)")
-    p.add_argument("--batch-size", type=int, default=128, help="patches per forward (HEST: 128)")
+    p.add_argument("--latent-dim", type=bounded(int, 1), default=LATENT_DIM, help="PCA dimensions (HEST: 256)")
+    p.add_argument("--batch-size", type=bounded(int, 1), default=128, help="patches per forward (HEST: 128)")
     p.add_argument("--runs", type=int, default=1, help="ignored: the protocol is deterministic, one run")
     p.add_argument("--cache-dir", help="features cached per patch file", default=os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "data", "hest_cache"))
@@ -358,7 +361,7 @@ def main(argv=None):
     results["headline"] = {"metric": "pearson", "value": mean, "std": std, "std_over": "tasks (ddof 0)",
                            "method": f"ridge (lsqr) on PCA-{args.latent_dim} of {args.features} features",
                            "split": "test folds (patient-level hold-outs), mean over genes, folds and tasks"}
-    eval_probe.save_results(args.out, results)
+    eval_probe.save_results(args.out, results, args.force)
     print(f"HEST ({len(tasks)} tasks): pearson {mean:.4f} [{time.time() - t0:.0f}s, {args.out}]")
     return results
 

@@ -8,7 +8,6 @@ accuracy as the headline, plus DINO's weighted kNN, few-shot probes and PCA maps
 Weights: this project's checkpoints and exports, DINOv2 hub files, OpenMidnight's teacher_checkpoint.pth (one
 loader, model.load_backbone). Features are extracted once and cached on disk; re-fitting heads costs seconds.
 """
-import argparse
 import csv
 import glob
 import hashlib
@@ -22,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 import augment
-from model import autocast, load_backbone
+from cli import Parser, bounded, existing_path, progress
 from files import atomic_write
+from model import autocast, load_backbone, weights_arg
 
 # the frozen feature of an image: CLS (DINOv2, OpenMidnight, eva), CLS + mean patch token (Midnight, Virchow2), or
 # the mean patch token
@@ -74,7 +73,7 @@ def load_imagefolder(root, seed):
     base = os.path.join(root, "train") if splits else root
     classes = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) if os.path.isdir(base) else []
     if not classes:
-        raise SystemExit(f"{root!r} has no class folders: expected root/<class>/* or root/train/<class>/*")
+        raise ValueError(f"{root!r} has no class folders")
     if not splits:  # a single folder: a seeded stratified train/val/test split
         items = [(f, c) for c, name in enumerate(classes) for f in _images(os.path.join(root, name))]
         return dict(zip(("train", "val", "test"), split_items(items, (0.6, 0.2, 0.2), seed))), classes
@@ -83,7 +82,7 @@ def load_imagefolder(root, seed):
         present = sorted(d for d in os.listdir(os.path.join(root, s)) if os.path.isdir(os.path.join(root, s, d)))
         missing = sorted(set(classes) - set(present))
         if missing:
-            raise SystemExit(f"split {s!r} of {root!r} lacks class folders {missing}: every split needs all classes")
+            raise ValueError(f"split {s!r} of {root!r} lacks class folders {missing}: every split needs all classes")
         out[s] = [(f, c) for c, name in enumerate(classes) for f in _images(os.path.join(root, s, name))]
     return out, classes
 
@@ -109,6 +108,13 @@ def load_csv(path, seed):
     return {s: [(p, c) for p, c, sp in items if sp == s] for s in {i[2] for i in items}}, classes
 
 
+def _need(root, *parts):
+    """The folders or files a layout cannot do without (a missing one would silently change the protocol)."""
+    for part in parts:
+        if not os.path.exists(os.path.join(root, part)):
+            raise FileNotFoundError(f"{os.path.join(root, part)} is missing")
+
+
 def load_bach(root, seed):
     files = sorted(glob.glob(os.path.join(root, "ICIAR2018_BACH_Challenge", "Photos", "*", "*.tif")))
     classes = ["Benign", "InSitu", "Invasive", "Normal"]
@@ -121,6 +127,7 @@ def load_bach(root, seed):
 
 def load_crc(root, seed):
     classes = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
+    _need(root, "NCT-CRC-HE-100K", "CRC-VAL-HE-7K")
     return {split: [(f, c) for c, name in enumerate(classes) for f in _images(os.path.join(root, d, name))]
             for split, d in (("train", "NCT-CRC-HE-100K"), ("val", "CRC-VAL-HE-7K"))}, classes
 
@@ -151,11 +158,13 @@ def load_breakhis(root, seed):
 
 
 def load_bracs(root, seed):
+    _need(root, *(os.path.join("BRACS_RoI", "latest_version", s) for s in ("train", "val", "test")))
     return load_imagefolder(os.path.join(root, "BRACS_RoI", "latest_version"), seed)
 
 
 def load_gleason(root, seed):
     classes = ["benign", "gleason_3", "gleason_4", "gleason_5"]
+    _need(root, "train_validation_patches_750", os.path.join("test_patches_750", "patho_1"))
     out = {"train": [], "val": [], "test": []}
     for f in sorted(glob.glob(os.path.join(root, "train_validation_patches_750", "*", "*.jpg"))):
         core = os.path.basename(os.path.dirname(f))
@@ -179,6 +188,19 @@ def load_pcam(root, seed):
     return out, ["no_tumor", "tumor"]
 
 
+# what each dataset's folder holds, as its download unpacks (README: "Reproducing the table")
+LAYOUTS = {
+    "imagefolder": "ROOT/<class>/* (a seeded stratified 60/20/20 split is made) or ROOT/{train,val[,test]}/<class>/*",
+    "csv": "a CSV file of path,label[,split] rows, paths relative to it",
+    "bach": "ICIAR2018_BACH_Challenge/Photos/{Benign,InSitu,Invasive,Normal}/*.tif",
+    "crc": "NCT-CRC-HE-100K/<9 classes: ADI BACK DEB LYM MUC MUS NORM STR TUM>/*.tif and CRC-VAL-HE-7K/<the same 9 "
+           "classes>/*.tif",
+    "mhist": "images/*.png and annotations.csv",
+    "breakhis": "BreaKHis_v1/histology_slides/breast/<benign|malignant>/SOB/<type>/<patient>/40X/*.png",
+    "bracs": "BRACS_RoI/latest_version/{train,val,test}/<class>/*.png",
+    "gleason": "train_validation_patches_750/<core>/*_class_<k>.jpg and test_patches_750/patho_1/<core>/*.jpg",
+    "pcam": "camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5",
+}
 LOADERS = {"imagefolder": load_imagefolder, "csv": load_csv, "bach": load_bach, "crc": load_crc, "mhist": load_mhist,
            "breakhis": load_breakhis, "bracs": load_bracs, "gleason": load_gleason, "pcam": load_pcam}
 
@@ -275,14 +297,14 @@ def feature_dim(backbone, features="cls"):
 
 
 def extract_features(backbone, items, size=224, features="cls", device="cpu", batch_size=64, workers=0,
-                     norm=NORMS["imagenet"], progress=False):
-    """Features of every readable item (see FEATURES). Returns (features (n, D), labels (n,), indices of
-    unreadable items)."""
+                     norm=NORMS["imagenet"], desc=None):
+    """Features of every readable item (see FEATURES), with a progress bar named `desc` if given. Returns
+    (features (n, D), labels (n,), indices of unreadable items)."""
     backbone.eval().to(device)
     loader = torch.utils.data.DataLoader(ImageDataset(items, size, *norm), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate)
     feats, labels, bad = [], [], []
-    for x, y, _, b in tqdm(loader, disable=not progress, desc="features", leave=False):
+    for x, y, _, b in progress(loader, disable=desc is None, desc=desc, unit="batch", leave=False):
         bad += b
         if x is not None:
             feats.append(embed(backbone, x, features))
@@ -291,9 +313,32 @@ def extract_features(backbone, items, size=224, features="cls", device="cpu", ba
             torch.cat(labels) if labels else torch.zeros(0).long(), bad)
 
 
-def save_results(path, results):
+# settings that change no number: where things go and how fast, and notes derived from the others
+RUN_TIME = ("out", "force", "device", "workers", "batch_size", "cache_dir", "cache", "missing_tasks")
+
+
+def identity(settings):
+    """What a result is of: every setting that can change a number, paths made absolute."""
+    return {k: os.path.abspath(v) if k in ("weights", "data", "emb", "labels") and isinstance(v, str) else v
+            for k, v in settings.items() if k not in RUN_TIME}
+
+
+def save_results(path, results, force=False):
     """Every evaluation's JSON: {"settings": {...}, <method>: {<metric>: mean, <metric>_std, "runs": [...]}, ...,
-    "headline": {"metric", "value", "std", "method"}}, written atomically."""
+    "headline": {"metric", "value", "std", "method"}}, written atomically. A file that holds the results of other
+    weights or settings (a different run's) is not replaced unless force."""
+    if os.path.exists(path) and not force:
+        try:
+            with open(path) as f:
+                old = identity(json.load(f).get("settings", {}))
+        except ValueError:
+            old = {}
+        new = identity(json.loads(json.dumps(results.get("settings", {}))))  # as it would read back
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if old and diff:
+            raise SystemExit(f"{path} holds the results of other weights or settings (" + "; ".join(
+                f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3]) + "): give another --out, or --force "
+                "to replace them")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda f: f.write(json.dumps(results, indent=1).encode()))
 
@@ -461,43 +506,55 @@ def quick_knn(backbone, folder, size=224, device="cpu", seed=0):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, nargs="+",
-                   help="checkpoint / export / hub file (local path); a second one only with --tsne (side by side)")
-    p.add_argument("--data", default=None, help="dataset root (or CSV file for --dataset csv); not with --suite")
-    p.add_argument("--dataset", default="imagefolder", choices=sorted(LOADERS))
-    p.add_argument("--arch", default=None, help="override the arch inferred from the weights")
+    p = Parser(description=__doc__)
+    p.add_argument("--weights", required=True, nargs="+", type=weights_arg,
+                   help="checkpoint / export / hub file or model folder (local path); a second one only with --tsne "
+                   "(side by side)")
+    p.add_argument("--data", default=None, type=existing_path,
+                   help="dataset root (or CSV file for --dataset csv); not with --suite")
+    p.add_argument("--dataset", default="imagefolder", choices=sorted(LOADERS), help="layout of --data (README)")
+    p.add_argument("--arch", default=None, help="override the architecture inferred from the weights")
     p.add_argument("--features", default="cls", choices=FEATURES, help="cls+mean: Midnight's and Virchow2's 2D-dim")
     p.add_argument("--norm", default="imagenet", choices=sorted(NORMS),
                    help="input normalisation: imagenet; half = Midnight's 0.5/0.5; hoptimus = H-optimus-0's")
-    p.add_argument("--size", type=int, default=224, help="resize shorter side, centre crop")
-    p.add_argument("--knn", action="store_true", help="also DINO's weighted kNN (k=20, T=0.07)")
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--few-shot", type=int, default=0, help="n images per class from train, repeated draws")
-    p.add_argument("--few-shot-draws", type=int, default=10, help="few-shot heads fitted (eva's PCam 10-shot: 50)")
+    p.add_argument("--size", type=bounded(int, 14), default=224, help="resize the shorter side, then centre-crop")
+    p.add_argument("--knn", action="store_true", help="also DINO's weighted kNN (k=--k, T=0.07)")
+    p.add_argument("--k", type=bounded(int, 1), default=20, help="neighbours of the kNN vote (DINO: 20)")
+    p.add_argument("--few-shot", type=bounded(int, 0), default=0,
+                   help="n images per class from train, repeated draws (0 = off)")
+    p.add_argument("--few-shot-draws", type=bounded(int, 1), default=10,
+                   help="few-shot heads fitted (eva's PCam 10-shot: 50)")
     p.add_argument("--few-shot-draw", default="per-run", choices=("per-run", "same"),
                    help="eva's BalancedSampler draws a new n-shot set per head (upstream eva), or one set shared by "
                         "every head (OpenMidnight's eva-probe)")
     p.add_argument("--few-shot-seed", type=int, default=42, help="seed of the balanced few-shot draws (eva: 42)")
-    p.add_argument("--check-every", type=int, default=1, help="epochs between validation checks (PCam 10-shot: 10)")
-    p.add_argument("--min-delta", type=float, default=0.0,
+    p.add_argument("--check-every", type=bounded(int, 1), default=1,
+                   help="epochs between validation checks (PCam 10-shot: 10)")
+    p.add_argument("--min-delta", type=bounded(float, 0.0), default=0.0,
                    help="early stopping counts a check as progress only if it beats the best by more than this")
-    p.add_argument("--no-linear", action="store_true")
-    p.add_argument("--runs", type=int, default=5, help="linear heads averaged (eva: 5)")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--max-steps", type=int, default=12_500)
-    p.add_argument("--patience", type=int, default=None, help="validation checks (default: eva's per dataset)")
+    p.add_argument("--no-linear", action="store_true", help="skip the linear probe (eva's headline)")
+    p.add_argument("--runs", type=bounded(int, 1), default=5, help="linear heads averaged (eva: 5)")
+    p.add_argument("--lr", type=bounded(float, 0.0), default=3e-4, help="linear head's AdamW learning rate (eva)")
+    p.add_argument("--weight-decay", type=bounded(float, 0.0), default=0.01, help="linear head's AdamW weight decay")
+    p.add_argument("--max-steps", type=bounded(int, 1), default=12_500, help="linear head's steps at most (eva)")
+    p.add_argument("--patience", type=bounded(int, 1), default=None,
+                   help="validation checks without progress before stopping (default: eva's per dataset)")
     p.add_argument("--pca", default=None, metavar="OUT.png", help="PCA maps of patch tokens of a few images")
-    p.add_argument("--pca-images", type=int, default=4)
+    p.add_argument("--pca-images", type=bounded(int, 1), default=4, help="images in the PCA figure")
     p.add_argument("--out", default=None,
-                   help="results JSON (default runs/eval/<weights file name>_<dataset>.json, a git-ignored folder)")
+                   help="results JSON (default runs/eval/<dataset>/<run>_<weights>_<methods>_<key>.json, the key "
+                   "a hash of the weights file and every setting, so that no two evaluations share a file)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an --out that holds the results of other weights or settings")
     p.add_argument("--cache-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
-                                                       "feature_cache"))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+                                                       "feature_cache"),
+                   help="feature cache, keyed by the weights, the images and the feature settings")
+    p.add_argument("--batch-size", type=bounded(int, 1), default=64, help="images per forward pass")
+    p.add_argument("--workers", type=bounded(int, 0), default=min(4, os.cpu_count() or 1),
+                   help="image decoding processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device of the forward pass and the heads (cuda, cpu, cuda:1, ...)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the made splits and the heads' init")
     p.add_argument("--suite", default=None, metavar="ROOT", help="the results table: every benchmark whose folder "
                    "is under ROOT (eval_suite.py), one row beside the published ones; --out is then a folder")
     p.add_argument("--tasks", nargs="+", default=None, help="with --suite: only these columns (eval_suite.COLUMNS)")
@@ -514,16 +571,18 @@ def get_args(argv=None):
     return args
 
 
-def check_splits(splits, classes, root):
+def check_splits(splits, classes, root, layout=None):
     """A probe needs two classes or more, each present in train and val: anything else would report a
-    meaningless score (one class gives balanced accuracy 1.0)."""
+    meaningless score (one class gives balanced accuracy 1.0). `layout`: a named dataset's expected layout."""
+    hint = f"expected {layout}" if layout else \
+        "check the layout, or use a single folder of class folders to get a stratified split"
     if len(classes) < 2:
         raise SystemExit(f"{root!r} has {len(classes)} class ({classes}): a probe needs at least 2")
     for s, items in splits.items():
         missing = sorted(set(range(len(classes))) - {lab for _, lab in items})
         if missing and s in ("train", "val"):
-            raise SystemExit(f"split {s!r} has no images of classes {[classes[c] for c in missing]}: "
-                             "check the data layout, or use a single folder to get a stratified split")
+            raise SystemExit(f"split {s!r} of {root!r} has no images of classes {[classes[c] for c in missing]}: "
+                             f"{hint}")
         if len({lab for _, lab in items}) < 2:
             raise SystemExit(f"split {s!r} of {root!r} holds a single class: a probe needs at least 2 per split")
 
@@ -558,7 +617,7 @@ def cached_features(args, backbone, splits):
             feats[split] = torch.load(path, weights_only=True)
             continue
         x, y, bad = extract_features(backbone, items, args.size, args.features, args.device, args.batch_size,
-                                     args.workers, norm, progress=True)
+                                     args.workers, norm, desc=f"features of {args.dataset} {split}")
         feats[split] = {"x": x, "y": y, "unreadable": [str(items[i][0]) for i in bad]}
         if bad:
             print(f"{split}: skipped {len(bad)} unreadable images, e.g. {items[bad[0]][0]}")
@@ -567,26 +626,41 @@ def cached_features(args, backbone, splits):
     return feats, paths
 
 
+def load_splits(args):
+    """The dataset's splits as its protocol defines them; a layout that is not the dataset's, or a split or class
+    left empty, stops with the layout expected. Without a validation split, a seeded stratified 20% of train is
+    one (said on screen and in the results)."""
+    try:
+        splits, classes = LOADERS[args.dataset](args.data, args.seed)
+    except (OSError, KeyError, ValueError) as e:
+        raise SystemExit(f"{args.data!r} is not laid out as --dataset {args.dataset} ({type(e).__name__}: {e}); "
+                         f"expected {LAYOUTS[args.dataset]}") from None
+    named = args.dataset not in ("imagefolder", "csv")
+    if not splits.get("train"):
+        raise SystemExit(f"no training images under {args.data!r} for --dataset {args.dataset}: expected "
+                         f"{LAYOUTS[args.dataset]}")
+    splits = {s: items for s, items in splits.items() if items}
+    notes = {}
+    if args.dataset == "imagefolder" and not any(os.path.isdir(os.path.join(args.data, s)) for s in
+                                                 ("train", "val", "test")):
+        notes["split_made_from_single_folder"] = "60/20/20"
+        print(f"{args.data} has no train/val/test folders: a seeded (--seed {args.seed}) stratified 60/20/20 split")
+    if "val" not in splits:  # early stopping needs one
+        splits["train"], splits["val"] = split_items(splits["train"], (0.8, 0.2), args.seed)
+        notes["validation_made_from_train"] = "20%"
+        print(f"{args.data} has no validation split: a seeded (--seed {args.seed}) stratified 20% of train "
+              f"({len(splits['val'])} images) is held out for early stopping")
+    check_splits(splits, classes, args.data, LAYOUTS[args.dataset] if named else None)
+    return splits, classes, notes
+
+
 def main(argv=None):
     args = get_args(argv)
     if args.suite or args.tsne:  # the results table and the t-SNE map live in eval_suite.py
         import eval_suite
         return eval_suite.main(args)
     t0 = time.time()
-    splits, classes = LOADERS[args.dataset](args.data, args.seed)
-    has_split_dirs = any(os.path.isdir(os.path.join(args.data, s)) for s in ("train", "val", "test"))
-    split_made = args.dataset == "imagefolder" and not has_split_dirs
-    if split_made:
-        print(f"{args.data} has no train/val/test folders: a seeded (--seed {args.seed}) stratified 60/20/20 split")
-    for s in list(splits):
-        if not splits[s]:
-            del splits[s]
-    if "train" not in splits:
-        raise SystemExit(f"no training images found under {args.data!r} for --dataset {args.dataset}")
-    made_split = "val" not in splits
-    if made_split:  # no validation split: a seeded stratified 20% of train
-        splits["train"], splits["val"] = split_items(splits["train"], (0.8, 0.2), args.seed)
-    check_splits(splits, classes, args.data)
+    splits, classes, notes = load_splits(args)
     draws = []  # few-shot sets as positions in the train items, drawn from the labels before any image is read
     if args.few_shot:
         rng = np.random.default_rng(args.few_shot_seed)
@@ -603,19 +677,21 @@ def main(argv=None):
     train, val, test = feats["train"], feats["val"], feats[report_split]
     patience = args.patience or PATIENCE.get(args.dataset, 100)
     results = {"settings": {**vars(args), "patience": patience, "classes": classes, "reported_split": report_split,
-                            "validation_made_from_train": made_split,
-                            "split_made_from_single_folder": split_made, "cache": cache_path,
-                            "n": {s: len(f["y"]) for s, f in feats.items()},
+                            "validation_made_from_train": "validation_made_from_train" in notes,
+                            "split_made_from_single_folder": "split_made_from_single_folder" in notes,
+                            "cache": cache_path, "n": {s: len(f["y"]) for s, f in feats.items()},
                             "unreadable": {s: len(f["unreadable"]) for s, f in feats.items()}}}
     C = len(classes)
     fit = dict(lr=args.lr, weight_decay=args.weight_decay, max_steps=args.max_steps, patience=patience,
                device=args.device, check_every=args.check_every, min_delta=args.min_delta)
+
+    def scored(head, info):  # a head's test metrics, and whether it gave every image one class
+        pred = predict_linear(head, test["x"])
+        return {**metrics(pred, test["y"].numpy(), C), **info, "one_class": len(set(pred.tolist())) == 1}
+
     if not args.no_linear:
-        runs = []
-        for r in range(args.runs):
-            head, info = train_linear((train["x"], train["y"]), (val["x"], val["y"]), C, seed=args.seed + r, **fit)
-            runs.append({**metrics(predict_linear(head, test["x"]), test["y"].numpy(), C), **info})
-        results["linear"] = summarise(runs)
+        results["linear"] = summarise([scored(*train_linear((train["x"], train["y"]), (val["x"], val["y"]), C,
+                                                            seed=args.seed + r, **fit)) for r in range(args.runs)])
     if args.knn:
         results["knn"] = metrics(knn_predict(train["x"], train["y"], test["x"], C, args.k).numpy(),
                                  test["y"].numpy(), C)
@@ -626,9 +702,15 @@ def main(argv=None):
         for d in range(args.few_shot_draws):  # heads differ by init; the sets by --few-shot-draw
             draw = draws[d % len(draws)]
             idx = torch.from_numpy(row[draw[readable[draw]]])
-            head, info = train_linear((train["x"][idx], train["y"][idx]), (val["x"], val["y"]), C, seed=d, **fit)
-            runs.append({**metrics(predict_linear(head, test["x"]), test["y"].numpy(), C), **info})
+            runs.append(scored(*train_linear((train["x"][idx], train["y"][idx]), (val["x"], val["y"]), C, seed=d,
+                                             **fit)))
         results[f"few_shot_{args.few_shot}"] = summarise(runs)
+    for m in ("linear", f"few_shot_{args.few_shot}"):
+        one = sum(r["one_class"] for r in results.get(m, {}).get("runs", []))
+        if one:
+            print(f"warning: {one} of {len(results[m]['runs'])} {m} heads predict one class for every "
+                  f"{report_split} image: the features may not separate the classes (an untrained or collapsed "
+                  "model, constant images)")
     method = "linear" if "linear" in results else f"few_shot_{args.few_shot}" if args.few_shot else \
         "knn" if args.knn else None
     if method:  # the number the results table shows (the evaluation-script contract)
@@ -638,14 +720,26 @@ def main(argv=None):
     if args.pca:
         items = splits[report_split][:args.pca_images]
         results["pca"] = {"path": args.pca, "size": pca_figure(backbone, items, args.pca, device=args.device)}
-    weights = args.weights[0] if isinstance(args.weights, list) else args.weights
-    stem = os.path.splitext(os.path.basename(weights))[0]
-    out = args.out or os.path.join("runs", "eval", f"{stem}_{args.dataset}.json")
-    save_results(out, results)
+    out = args.out or default_out(args)
+    save_results(out, results, args.force)
     line = " | ".join(f"{m} balanced acc {results[m]['balanced_accuracy']:.4f}" for m in results
                       if isinstance(results[m], dict) and "balanced_accuracy" in results[m])
+    line = line or f"no probe (--no-linear without --knn or --few-shot){'; PCA map ' + args.pca if args.pca else ''}"
     print(f"{args.dataset} ({report_split}, n={len(test['y'])}): {line} [{time.time() - t0:.0f}s, {out}]")
     return results
+
+
+def default_out(args):
+    """runs/eval/<dataset>/<run folder>_<weights name>_<methods>_<key>.json: the key hashes the weights file (path,
+    size, modification time) and every setting, so that two runs' teacher_backbone.pth, two settings or a PCA-only
+    run never share a file."""
+    w = os.path.abspath(args.weights)
+    name = os.path.basename(w) if os.path.isdir(w) else \
+        f"{os.path.basename(os.path.dirname(w))}_{os.path.splitext(os.path.basename(w))[0]}"
+    methods = ["linear"] * (not args.no_linear) + ["knn"] * args.knn + [f"fewshot{args.few_shot}"] * bool(
+        args.few_shot) + ["pca"] * bool(args.pca)
+    key = cache_key(file_key(w), identity(vars(args)))[:8]
+    return os.path.join("runs", "eval", args.dataset, f"{name}_{'+'.join(methods) or 'none'}_{key}.json")
 
 
 def summarise(runs):

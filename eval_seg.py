@@ -34,7 +34,6 @@ CoNSeP's inputs are deterministic, so its features are computed once and cached 
 crops are random, so the encoder runs at every step (its validation features are cached). The encoder runs in
 float32 as in eva (Lightning's default); --precision bfloat16 is faster and not eva's number.
 """
-import argparse
 import glob
 import math
 import os
@@ -48,12 +47,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 import augment
 from eval_probe import FEATURES, cache_key, file_key, resize, resize_and_crop, save_results
-from model import autocast, load_backbone
+from cli import Parser, bounded, existing_path, progress
 from files import atomic_write
+from model import autocast, load_backbone, weights_arg
 
 CLASSES = {"consep": ["background", "other", "inflammatory", "epithelial", "spindle-shaped"],
            "monusac": ["Background", "Epithelial", "Lymphocyte", "Neutrophil", "Macrophage", "Ambiguous"]}
@@ -173,7 +172,7 @@ def load_consep(root, split, size=SIZE):
     if not paths:
         raise SystemExit(f"no CoNSeP images in {folder}/Images/*.png: --data must hold Train/ and Test/ as unpacked")
     images, masks, names = [], [], []
-    for p in tqdm(paths, desc=f"CoNSeP {split}", leave=False):
+    for p in progress(paths, desc=f"CoNSeP {split}", leave=False):
         label = os.path.join(folder, "Labels", os.path.splitext(os.path.basename(p))[0] + ".mat")
         if not os.path.exists(label):
             raise SystemExit(f"missing CoNSeP label {label}: every Images/<name>.png needs Labels/<name>.mat")
@@ -213,7 +212,7 @@ def load_monusac(root, split, size=SIZE):
         raise SystemExit(f"no MoNuSAC images in {folder!r} (**/*.tif): --data must hold "
                          f"{MONUSAC_DIRS['train']!r} and {MONUSAC_DIRS['val']!r} as unpacked")
     images, masks, names = [], [], []
-    for p in tqdm(paths, desc=f"MoNuSAC {split}", leave=False):
+    for p in progress(paths, desc=f"MoNuSAC {split}", leave=False):
         img = read_rgb(p)
         mask = torch.from_numpy(monusac_mask(os.path.splitext(p)[0] + ".xml", img.shape[2], img.shape[1]))
         if split == "val":  # deterministic: resized and centre-cropped once
@@ -333,7 +332,7 @@ def cached_features(args, backbone, data, splits):
     for split in splits:
         images, masks, _ = data[split]
         feats = []
-        for i in tqdm(range(0, len(images), args.batch_size), desc=f"features {split}", leave=False):
+        for i in progress(range(0, len(images), args.batch_size), desc=f"features {split}", leave=False):
             x = normalize(torch.stack(images[i:i + args.batch_size]), args.norm).to(args.device)
             feats.append(patch_features(backbone, x, args.precision).cpu())
         out[split] = (torch.cat(feats), torch.stack(images), torch.stack(masks))
@@ -387,7 +386,7 @@ def train_run(args, run, train_batches, n_train, val, dim, ignore_index, patienc
     sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1 / 3, total_iters=5)  # eva's default scheduler
     n_batches = math.ceil(n_train / args.batch_size)
     best, best_epoch, per_class, wait, step, epoch, curve = -math.inf, -1, None, 0, 0, 0, []
-    bar = tqdm(total=args.steps, desc=f"run {run}", leave=False)
+    bar = progress(total=args.steps, desc=f"run {run}", leave=False)
     while step < args.steps and wait < patience:
         decoder.train()
         for k, (x, feats, target) in enumerate(train_batches()):
@@ -421,20 +420,28 @@ def train_run(args, run, train_batches, n_train, val, dim, ignore_index, patienc
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="backbone checkpoint / export / hub file (local path)")
-    p.add_argument("--data", required=True, help="dataset root as unpacked (see the layouts above)")
+    p = Parser(description=__doc__)
+    p.add_argument("--weights", required=True, type=weights_arg,
+                   help="backbone checkpoint / export / hub file or model folder (local path)")
+    p.add_argument("--data", required=True, type=existing_path, help="dataset root as unpacked (see the layouts above)")
     p.add_argument("--dataset", required=True, choices=sorted(LOADERS), help="consep or monusac")
     p.add_argument("--out", default=None, help="results JSON (default results_seg_<dataset>.json)")
-    p.add_argument("--runs", type=int, default=5, help="decoders trained from scratch and averaged (eva: 5)")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps per run (eva: 2000; fewer for a look)")
-    p.add_argument("--batch-size", type=int, default=64, help="training and feature batch (eva: 64)")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (eva: 2e-3)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (eva: torch's 0.01)")
-    p.add_argument("--patience", type=int, default=None, help=f"epochs without improvement (eva's: {PATIENCE})")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an --out holding other weights' or settings' results")
+    p.add_argument("--runs", type=bounded(int, 1), default=5,
+                   help="decoders trained from scratch and averaged (eva: 5)")
+    p.add_argument("--steps", type=bounded(int, 1), default=2000,
+                   help="optimizer steps per run (eva: 2000; fewer for a look)")
+    p.add_argument("--batch-size", type=bounded(int, 1), default=64, help="training and feature batch (eva: 64)")
+    p.add_argument("--lr", type=bounded(float, 0.0), default=2e-3, help="AdamW learning rate (eva: 2e-3)")
+    p.add_argument("--weight-decay", type=bounded(float, 0.0), default=0.01,
+                   help="AdamW weight decay (eva: torch's 0.01)")
+    p.add_argument("--patience", type=bounded(int, 1), default=None,
+                   help=f"epochs without improvement (eva's: {PATIENCE})")
     p.add_argument("--mask-ambiguous", action="store_true",
                    help="MoNuSAC: also drop Ambiguous pixels from predictions in the metric (corrected, not eva's)")
-    p.add_argument("--size", type=int, default=SIZE, help="input size (eva: 224; others are not eva's protocol)")
+    p.add_argument("--size", type=bounded(int, 14), default=SIZE,
+                   help="input size (eva: 224; others are not eva's protocol)")
     p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
                    help="encoder precision (eva: float32; bfloat16 is faster on a GPU)")
     p.add_argument("--arch", default=None, help="override the arch inferred from the weights")
@@ -443,7 +450,7 @@ def get_args(argv=None):
                    help="input normalisation of the backbone (eva and OpenMidnight: imagenet)")
     p.add_argument("--cache-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                                                        "feature_cache"), help="cached features")
-    p.add_argument("--workers", type=int, default=4, help="MoNuSAC crop workers (eva: 4)")
+    p.add_argument("--workers", type=bounded(int, 0), default=4, help="MoNuSAC crop workers (eva: 4)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cpu, cuda:1 ...")
     p.add_argument("--seed", type=int, default=42, help="run r seeds torch with seed + r")
     return p.parse_args(argv)
@@ -452,12 +459,6 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     t0 = time.time()
-    if not os.path.isfile(args.weights):
-        raise SystemExit(f"no weights file at {args.weights!r}: give a local checkpoint path")
-    if not os.path.isdir(args.data):
-        raise SystemExit(f"no dataset folder at {args.data!r}: give the unpacked {args.dataset} root")
-    if args.runs < 1 or args.steps < 1:
-        raise SystemExit("--runs and --steps must be at least 1")
     ignore_index, patience = IGNORE[args.dataset], args.patience or PATIENCE[args.dataset]
     data = {s: LOADERS[args.dataset](args.data, s, args.size) for s in ("train", "val")}
     backbone = load_backbone(args.weights, arch=args.arch).eval().to(args.device).requires_grad_(False)
@@ -492,7 +493,7 @@ def main(argv=None):
                    [r["per_class_dice"] for r in runs]).nanmean(0).tolist()},
                "headline": {"metric": "dice", "value": mean, "std": std, "method": "decoder", "split": "test"}}
     out = args.out or f"results_seg_{args.dataset}.json"
-    save_results(out, results)
+    save_results(out, results, args.force)
     print(f"{args.dataset} (test split, eva's validation set): MonaiDiceScore {mean:.4f} +- {std:.4f} over "
           f"{len(runs)} runs [{time.time() - t0:.0f}s, {out}]")
     return results

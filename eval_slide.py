@@ -16,7 +16,6 @@ finished slides. To use the bags elsewhere:
 
     d = torch.load("EMB/<slide_id>.pt", weights_only=True)   # d["features"] (n, D), d["coords"] (n, 2)
 """
-import argparse
 import copy
 import csv
 import glob
@@ -34,8 +33,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import eval_probe
-from model import load_backbone
+from cli import Parser, bounded, existing_path, progress
 from files import atomic_write
+from model import load_backbone, weights_arg
 from prepare_patches import list_slides
 from slide_reader import MIN_FOREGROUND, SATURATION, SEED, SlideReader
 
@@ -114,7 +114,7 @@ def run_reader(todo, out, args, settings):
     loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", prefetch_factor=4 if args.workers else None)
     report, pending, n_patches, t0 = {}, {}, 0, time.time()
-    bar = tqdm(total=len(todo), unit="slide", desc="embed", dynamic_ncols=True)
+    bar = progress(total=len(todo), unit="slide", desc="embed", dynamic_ncols=True)
     for item in loader:
         i = item["slide"]
         path, sid = todo[i]
@@ -422,7 +422,7 @@ def probe(emb, items, classes, args, extra_settings=None):
     data = {s: (load_bags(emb, [it["id"] for it in v], pad).to(device),
                 torch.tensor([it["label"] for it in v]).to(device)) for s, v in split.items() if v}
     C, runs = len(classes), []
-    for r in tqdm(range(args.runs), desc="ABMIL runs", unit="run"):
+    for r in progress(range(args.runs), desc="ABMIL runs", unit="run"):
         head, info = fit_abmil(data["train"], data["val"], C, args.seed + r, args.lr, args.weight_decay,
                                args.mil_batch_size, args.max_epochs, args.patience)
         pred = eva_predictions(predict_logits(head, data[report_split][0]))
@@ -439,7 +439,7 @@ def probe(emb, items, classes, args, extra_settings=None):
                             "std": statistics.stdev(scores) if len(scores) > 1 else 0.0, "method": "abmil",
                             "split": report_split}}
     if args.out:
-        eval_probe.save_results(args.out, results)
+        eval_probe.save_results(args.out, results, args.force)
     h = results["headline"]
     print(f"ABMIL {report_split} balanced accuracy {h['value']:.4f} +- {h['std']:.4f} over {args.runs} runs "
           f"(n={len(split[report_split])}) [{args.out}]")
@@ -454,7 +454,7 @@ def get_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("embed", "probe", "run", "-h", "--help"):
         argv = ["run"] + argv  # the evaluation contract: eval_slide.py --weights W --data ROOT --dataset NAME ...
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     cmd = {name: sub.add_parser(name, help=h) for name, h in (
         ("embed", "slides -> EMB/<slide_id>.pt patch embeddings"), ("probe", "embeddings + labels -> ABMIL results"),
@@ -462,43 +462,53 @@ def get_args(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for name in ("embed", "run"):
         q = cmd[name]
-        q.add_argument("--weights", required=True, help="backbone checkpoint / export / hub file (local path)")
+        q.add_argument("--weights", required=True, type=weights_arg,
+                       help="backbone checkpoint / export / hub file or model folder (local path)")
         q.add_argument("--arch", default=None, help="override the arch inferred from the weights")
         q.add_argument("--features", default="cls", choices=eval_probe.FEATURES, help="patch feature (eva: cls)")
         q.add_argument("--norm", default="imagenet", choices=sorted(eval_probe.NORMS), help="input normalisation")
         q.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                        help="forward precision on a GPU (eva: float32; bfloat16 uses the tensor cores); float32 on CPU")
-        q.add_argument("--mpp", type=float, default=0.25 if name == "embed" else None,
+        q.add_argument("--mpp", type=bounded(float, 1e-3), default=0.25 if name == "embed" else None,
                        help="target microns per pixel (run: the dataset's, 0.25 Camelyon16, 0.5 PANDA)")
-        q.add_argument("--patch", type=int, default=224, help="patch side at the target mpp, in pixels")
-        q.add_argument("--max-patches", type=int, default=1000 if name == "embed" else None,
+        q.add_argument("--patch", type=bounded(int, 14), default=224, help="patch side at the target mpp, in pixels")
+        q.add_argument("--max-patches", type=bounded(int, 1), default=1000 if name == "embed" else None,
                        help="patches per slide at most (run: the dataset's, 1000 Camelyon16, 200 PANDA)")
-        q.add_argument("--batch-size", type=int, default=64, help="patches per forward pass")
-        q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="reader processes")
+        q.add_argument("--batch-size", type=bounded(int, 1), default=64, help="patches per forward pass")
+        q.add_argument("--workers", type=bounded(int, 0), default=min(8, os.cpu_count() or 1), help="reader processes")
         q.add_argument("--openslide-only", action="store_true",
                        help="read every patch with OpenSlide's read_region, not from JPEG tiles decoded here "
                             "(the same pixels, slower; for debugging)")
-    cmd["embed"].add_argument("--slides", required=True, help="a slide, a folder of slides or a text file of paths")
+    cmd["embed"].add_argument("--slides", required=True, type=existing_path,
+                              help="a slide, a folder of slides or a text file of paths")
     cmd["embed"].add_argument("--out", required=True, help="embedding folder EMB")
-    cmd["embed"].add_argument("--num-shards", type=int, default=1, help="split the slide list over machines")
-    cmd["embed"].add_argument("--shard-index", type=int, default=0, help="which part of the slide list this run does")
+    cmd["embed"].add_argument("--num-shards", type=bounded(int, 1), default=1,
+                              help="split the slide list over machines")
+    cmd["embed"].add_argument("--shard-index", type=bounded(int, 0), default=0,
+                              help="which part of the slide list this run does")
     cmd["embed"].add_argument("--device", default=device, help="device of the forward pass")
     for name in ("probe", "run"):
         q = cmd[name]
-        q.add_argument("--data", default=None, help="dataset root (Camelyon16, PANDA) or the CSV for --dataset csv")
+        q.add_argument("--data", default=None, type=existing_path,
+                       help="dataset root (Camelyon16, PANDA) or the CSV for --dataset csv")
         q.add_argument("--dataset", default=None, choices=sorted(LOADERS), help="layout of --data (default csv)")
-        q.add_argument("--labels", default=None, help="slide_path,label[,split] CSV (the same as --dataset csv)")
-        q.add_argument("--runs", type=int, default=20, help="ABMIL heads trained and averaged (eva: 20)")
+        q.add_argument("--labels", default=None, type=existing_path,
+                       help="slide_path,label[,split] CSV (the same as --dataset csv)")
+        q.add_argument("--runs", type=bounded(int, 1), default=20, help="ABMIL heads trained and averaged (eva: 20)")
         q.add_argument("--out", default=None, help="results JSON")
+        q.add_argument("--force", action="store_true",
+                       help="overwrite an --out holding other weights' or settings' results")
         q.add_argument("--device", default=device, help="device of the forward pass and the heads")
         q.add_argument("--seed", type=int, default=SEED, help="run r initialises and shuffles with seed + r")
-        q.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (eva: 1e-3)")
-        q.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (torch default)")
-        q.add_argument("--mil-batch-size", type=int, default=32, help="slides per batch (eva: 32)")
-        q.add_argument("--max-epochs", type=int, default=100, help="eva: 100")
-        q.add_argument("--patience", type=int, default=20, help="early-stopping epochs (eva: 20)")
-        q.add_argument("--pad", type=int, default=0, help="pad bags to this many rows (default: the max patches)")
-    cmd["probe"].add_argument("--emb", required=True, help="embedding folder written by embed")
+        q.add_argument("--lr", type=bounded(float, 0.0), default=1e-3, help="AdamW learning rate (eva: 1e-3)")
+        q.add_argument("--weight-decay", type=bounded(float, 0.0), default=0.01,
+                       help="AdamW weight decay (torch default)")
+        q.add_argument("--mil-batch-size", type=bounded(int, 1), default=32, help="slides per batch (eva: 32)")
+        q.add_argument("--max-epochs", type=bounded(int, 1), default=100, help="eva: 100")
+        q.add_argument("--patience", type=bounded(int, 1), default=20, help="early-stopping epochs (eva: 20)")
+        q.add_argument("--pad", type=bounded(int, 0), default=0,
+                       help="pad bags to this many rows (0: the max patches)")
+    cmd["probe"].add_argument("--emb", required=True, type=existing_path, help="embedding folder written by embed")
     cmd["run"].add_argument("--cache-dir", default=None, help="embedding cache (default: next to --out)")
     args = p.parse_args(argv)
     if args.command in ("probe", "run"):

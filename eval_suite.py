@@ -32,8 +32,8 @@ from collections import namedtuple
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
+import cli
 import eval_probe
 from files import atomic_write
 
@@ -112,7 +112,7 @@ def task_argv(task, args, runs):
     proto = ["--weights", os.path.abspath(args.weights), "--data", os.path.abspath(os.path.join(args.suite,
              task.folder)), *task.argv, task.runs_flag, str(runs), "--features", args.features, "--norm", args.norm,
              *(["--arch", args.arch] if args.arch else [])]
-    runtime = ["--device", args.device]
+    runtime = ["--device", args.device, "--force"]  # a task's own file is replaced when the suite finds it stale
     if task.module in ("eval_probe", "eval_slide"):
         runtime += ["--workers", str(args.workers)]
     if task.module == "eval_probe":
@@ -140,8 +140,15 @@ def run_suite(args):
     if not os.path.isfile(args.weights):
         raise SystemExit(f"no checkpoint at {args.weights!r}: give a local weights file")
     out = args.out or "results_suite"
-    os.makedirs(os.path.join(out, "tasks"), exist_ok=True)
     weights = weights_signature(args.weights)
+    previous = os.path.join(out, "results.json")
+    if os.path.exists(previous) and not args.force:  # a table of other weights (another run's export) stays
+        with open(previous) as f:
+            theirs = json.load(f)["settings"]["weights"]["path"]
+        if theirs != weights["path"]:
+            raise SystemExit(f"{out} holds the table of {theirs}: give another --out for {weights['path']}, or "
+                             "--force to replace it")
+    os.makedirs(os.path.join(out, "tasks"), exist_ok=True)
     records = {}
     for task in COLUMNS:
         if not present(args, task):
@@ -169,7 +176,7 @@ def run_suite(args):
             rec = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
             print(f"{task.key}: FAILED {rec['error']}")
         records[task.key] = rec = {**rec, "settings": settings, "seconds": round(time.time() - t0, 1)}
-        eval_probe.save_results(path, rec)
+        eval_probe.save_results(path, rec, force=True)  # stale records are replaced by design
     tsne = suite_tsne(args, out, weights) if "bach" in records and records["bach"]["status"] == "ok" else None
     summary = {"settings": {"weights": weights, "suite": os.path.abspath(args.suite), "quick": args.quick,
                             "tasks": args.tasks, "features": args.features, "norm": args.norm, "size": args.size,
@@ -177,11 +184,16 @@ def run_suite(args):
                "row": {k: r["results"]["headline"]["value"] for k, r in records.items() if r["status"] == "ok"},
                "tasks": records, "tsne": tsne, "published": PUBLISHED, "footnotes": FOOTNOTES}
     summary["average"] = float(np.mean(list(summary["row"].values()))) if summary["row"] else None
-    eval_probe.save_results(os.path.join(out, "results.json"), summary)
+    eval_probe.save_results(os.path.join(out, "results.json"), summary, force=True)
     md = results_markdown(summary, args)
     atomic_write(os.path.join(out, "results.md"), lambda f: f.write(md.encode()))
     print(md.split("\n\n")[2])
     print(f"table: {os.path.join(out, 'results.md')}, every figure: {os.path.join(out, 'results.json')}")
+    failed = [k for k, r in records.items() if r["status"] == "failed"]
+    if failed:  # the table is written; the exit status says that it is not whole
+        ran = sum(r["status"] in ("ok", "failed") for r in records.values())
+        raise SystemExit(f"{len(failed)} of {ran} tasks failed ({', '.join(failed)}): their errors are in "
+                         f"{os.path.join(out, 'results.md')}; a rerun redoes only what failed")
     return summary
 
 
@@ -203,7 +215,7 @@ def suite_tsne(args, out, weights):
         rec = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
         print(f"t-SNE: FAILED {rec['error']}")
     rec["settings"] = settings
-    eval_probe.save_results(record, rec)
+    eval_probe.save_results(record, rec, force=True)
     return rec
 
 
@@ -351,7 +363,8 @@ def tsne(x, perplexity=30.0, max_iter=1000, early_exaggeration=12.0, exploration
     y = pca_init(x).to(P.device)
     lr = max(n / early_exaggeration / 4, 50.0)
     update, gains = torch.zeros_like(y), torch.ones_like(y)
-    history, it, bar = [(0, kl_gradient(y, P)[0])], 0, tqdm(total=max_iter, desc="t-SNE", disable=not progress)
+    history, it, bar = [(0, kl_gradient(y, P)[0])], 0, cli.progress(total=max_iter, desc="t-SNE",
+                                                                      disable=not progress)
     for exaggeration, momentum, stop, patience in ((early_exaggeration, 0.5, exploration_iter, exploration_iter),
                                                    (1.0, 0.8, max_iter, n_iter_without_progress)):
         best_error, best_iter = math.inf, it
@@ -456,7 +469,7 @@ def tsne_command(args):
     size = draw_tsne(panels, labels, classes, args.tsne)
     res = {"path": args.tsne, "size": size, "classes": classes, "labels": labels, "dataset": args.dataset,
            "features": args.features, "models": infos, "coordinates": [p[1].tolist() for p in panels]}
-    eval_probe.save_results(os.path.splitext(args.tsne)[0] + ".json", res)
+    eval_probe.save_results(os.path.splitext(args.tsne)[0] + ".json", res, args.force)
     print(f"t-SNE of {len(labels)} {args.dataset} images: {args.tsne} (final KL " +
           ", ".join(f"{i['kl']:.3f}" for i in infos) + ")")
     return res

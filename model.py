@@ -10,11 +10,13 @@ Parameter names and shapes are exactly those of Meta's DINOv2 hub checkpoints (n
 other layouts are converted into these names at load time, into the same function.
 References: DINOv2 (Oquab et al. 2023, facebookresearch/dinov2), registers (Darcet et al. 2023).
 """
+import argparse
 import json
 import math
 import os
 import re
 import warnings
+import zipfile
 from contextlib import nullcontext
 
 import torch
@@ -501,6 +503,53 @@ def _heads_from_config(config, width):
     return next((h for (name, w), h in TIMM_HEADS.items() if arch.startswith(name) and w == width), None)
 
 
+FORMATS = ("a torch.save file (.pth/.pt/.bin: zip, or a legacy pickle), a .safetensors file, or a timm / Hugging Face "
+           "folder (config.json + weights)")
+
+
+def checkpoint_problem(path):
+    """Why `path` cannot be a checkpoint, in one line, or None: it does not exist, a folder holds no weights, a
+    file is neither torch.save's zip or pickle nor safetensors (named by its first bytes), or it is cut short
+    (zip's directory or safetensors' header and data lie beyond its end). Cheap: a 20 GB file is not read."""
+    if not os.path.exists(path):
+        return f"{path!r} does not exist (weights are never downloaded: give a local path)"
+    if os.path.isdir(path):
+        try:
+            _weight_files(path)
+            return None
+        except ValueError as e:
+            return str(e)
+    with open(path, "rb") as f:
+        head = f.read(16)
+        size = os.fstat(f.fileno()).st_size
+        if head.startswith(b"PK"):
+            try:
+                zipfile.ZipFile(f).close()  # reads the central directory, written last
+                return None
+            except zipfile.BadZipFile as e:
+                return f"{path!r} is a torch.save zip cut short or corrupt ({e}): download or copy it again"
+        n = int.from_bytes(head[:8], "little")
+        if head[8:9] == b"{" and 8 + n <= size:  # safetensors: an 8-byte header length, its JSON, the tensors
+            f.seek(8)
+            try:
+                ends = [t["data_offsets"][1] for k, t in json.loads(f.read(n)).items() if k != "__metadata__"]
+            except (ValueError, KeyError, TypeError) as e:
+                return f"{path!r} has a corrupt safetensors header ({e})"
+            return None if 8 + n + max(ends, default=0) <= size else \
+                f"{path!r} is a safetensors file cut short ({size} of {8 + n + max(ends)} bytes)"
+    if head[:1] == b"\x80":  # a legacy (non-zip) torch.save pickle: read in full only when loaded
+        return None
+    return f"{path!r} is not a checkpoint: it starts with {head[:12]!r}; give {FORMATS}"
+
+
+def weights_arg(text):
+    """An argparse type for --weights / --init: a checkpoint_problem is a one-line error at start-up."""
+    problem = checkpoint_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def _load_tensors(path):
     if path.endswith(".safetensors"):
         try:
@@ -511,7 +560,8 @@ def _load_tensors(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a text file, a truncated download, a pickle of arbitrary objects
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ValueError(checkpoint_problem(path) or f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e)[:200]}); give {FORMATS}") from None
 
 
 def _weight_files(folder):
@@ -525,6 +575,8 @@ def _weight_files(folder):
     shards = [f for f in shards if f.endswith(".safetensors")] or shards
     if shards or len(names) == 1:
         return shards or names
+    if not names:
+        raise ValueError(f"{folder!r} holds no weights file (.safetensors, .bin, .pth, .pt): give {FORMATS}")
     raise ValueError(f"{folder} holds {len(names)} weights files {names[:6]}: give the path of the one to load")
 
 

@@ -23,7 +23,6 @@ A killed run re-run with the same command skips finished slides and ends with th
 thumbnails with the tissue mask and the sampled patches drawn on them. --num-shards parts write
 manifest-part*.json and report-part*.json; --merge combines them into manifest.json, report.json and the index.
 """
-import argparse
 import functools
 import glob
 import hashlib
@@ -40,6 +39,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import data
+from cli import Parser, bounded, progress
 from files import atomic_write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,24 +50,8 @@ DEMO_PROBE_PER_CLASS = 100  # the demo's probe set: 300 images, 60 of them held 
 WHOLE_LEVEL_MAX = 32e6  # a level of at most this many pixels (and an integer downsample) is read once, then cut
 
 
-def bounded(kind, lo=None, hi=None):
-    """An argparse type: a number of `kind` in [lo, hi]; anything else fails at start-up naming the valid range."""
-    what = "an integer" if kind is int else "a number"
-    valid = " and ".join(([f">= {lo}"] if lo is not None else []) + ([f"<= {hi}"] if hi is not None else []))
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: use {what} {valid}")
-        return value
-    return parse
-
-
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("input", nargs="?", default=SAMPLE_SLIDE, help="slide, folder of slides, or text file of paths")
     p.add_argument("--out", default=os.path.join(HERE, "data", "sample_store"), help="patch store directory")
     p.add_argument("--patches-per-level", type=bounded(int, 1), default=200,
@@ -283,7 +267,7 @@ def process_slide(job):
     idx_path = os.path.join(args.out, "shards", key + ".idx.npz")
     if os.path.exists(idx_path):  # finished by an earlier run: reuse it
         with np.load(idx_path) as z:
-            return json.loads(str(z["report"]))
+            return {**json.loads(str(z["report"])), "earlier_run": True}
     t0 = time.time()
     try:
         payloads, rows, report, qc = sample_slide(path, args)
@@ -352,7 +336,7 @@ def prepare(args):
     reports, n_written = [], 0
     t0 = time.time()
     jobs = [(s, args) for s in slides]
-    bar = tqdm(total=len(jobs), unit="slide", desc="slides", dynamic_ncols=True)
+    bar = progress(total=len(jobs), unit="slide", desc="slides", dynamic_ncols=True)
     pool = Pool(args.workers) if args.workers > 1 else None
     results = pool.imap_unordered(process_slide, jobs) if pool else map(process_slide, jobs)
     for rep in results:
@@ -377,11 +361,13 @@ def prepare(args):
     part = f"-part{args.shard_index}-of{args.num_shards}" if args.num_shards > 1 else ""
     write_report(args.out, reports, f"report{part}.json")
     manifest = write_manifest(args.out, reports, args, f"manifest{part}.json")
-    if not part:  # a finished store's last step (parts get theirs from --merge)
+    if not part and not data.index_is_current(args.out):  # a finished store's last step (parts: at --merge)
         data.build_index(args.out)
     ok = sum(r.get("status") == "ok" for r in reports)
-    print(f"{manifest['n_patches']} patches from {ok}/{len(slides)} slides in {time.time() - t0:.1f}s "
-          f"({len(slides) - ok} skipped, see {os.path.join(args.out, 'report' + part + '.json')})")
+    earlier = sum(r.get("status") == "ok" and r.get("earlier_run", False) for r in reports)
+    print(f"{manifest['n_patches']} patches from {ok}/{len(slides)} slides in {time.time() - t0:.1f}s ("
+          f"{f'{earlier} of them finished by an earlier run, ' if earlier else ''}{len(slides) - ok} skipped, see "
+          f"{os.path.join(args.out, 'report' + part + '.json')})")
     return manifest if manifest["n_patches"] else None
 
 
@@ -419,7 +405,8 @@ def merge(args):
     reports = sorted(reports.values(), key=lambda r: r["key"])
     write_report(args.out, reports)
     manifest = write_manifest(args.out, reports, args, settings=settings)
-    data.build_index(args.out)
+    if not data.index_is_current(args.out):
+        data.build_index(args.out)
     print(f"merged {len(part_files)} parts: {manifest['n_patches']} patches from {len(manifest['shards'])} slides")
     return manifest
 
@@ -428,6 +415,12 @@ def prepare_demo(args):
     """The demo's data from the bundled slide: a 400-patch store (OpenMidnight's level sampling) and a labelled
     probe set, folders of PNG patches named by the resolution they were read at (0.5, 1, 2 um/px; the slide has no
     tissue labels), for the kNN probe at the end of `python train.py`."""
+    if os.path.exists(os.path.join(args.probe_out, "DONE")) and os.path.exists(os.path.join(args.out,
+                                                                                            "manifest.json")):
+        print(f"the demo's data is already in {args.out} and {args.probe_out}: nothing to do (delete them to make "
+              "it again)")
+        with open(os.path.join(args.out, "manifest.json")) as f:
+            return json.load(f)
     store = prepare(get_args([SAMPLE_SLIDE, "--out", args.out, "--patches-per-level", "400"]))
     tmp = args.probe_out + "-store"
     probe = prepare(get_args([SAMPLE_SLIDE, "--out", tmp, "--mpp", "0.5", "1", "2", "--no-qc", "--format", "png",

@@ -31,11 +31,11 @@ from tqdm import tqdm
 
 import augment
 import data
+from cli import Parser, bounded, on_terminal, progress
 import eval_probe
 import loss as L
-from model import ARCHS, DINOHead, ViT, autocast, load_into, read_checkpoint
+from model import ARCHS, DINOHead, ViT, autocast, checkpoint_problem, load_into, read_checkpoint
 from files import atomic_write, lock_folder
-from prepare_patches import bounded
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if not {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(os.environ):  # read at the first CUDA allocation
@@ -64,9 +64,9 @@ PRESETS = {
 
 
 def get_args_parser(add_help=True):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                add_help=add_help)
-    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="a set of defaults (flags still win)")
+    p = Parser(description=__doc__, add_help=add_help)
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
+                   help="a set of defaults (flags still win); --help shows the given preset's")
     g = p.add_argument_group("I/O")
     g.add_argument("--out", default=None, help="run directory (default runs/<preset>); one training job at a time")
     g.add_argument("--data", default=None, help="finished patch store from prepare_patches.py (the demo, given "
@@ -74,6 +74,9 @@ def get_args_parser(add_help=True):
     g.add_argument("--init", default=None, help="local checkpoint to start from, e.g. dinov2_vitg14_reg4_pretrain.pth "
                    "(any layout model.load_backbone reads); none = random init")
     g.add_argument("--no-resume", action="store_true", help="start over even if --out holds checkpoints")
+    g.add_argument("--change-schedules", action="store_true",
+                   help="resume although the schedules' flags differ from the checkpoint's (otherwise refused: a "
+                   "longer --steps also stretches the schedules unless --schedule-steps keeps them)")
     g.add_argument("--log-every", type=bounded(int, 1), default=20, help="steps between metrics.jsonl lines")
     g.add_argument("--checkpoint-every", type=bounded(int, 1), default=1000,
                    help="steps between resumable checkpoints (ViT-g: ~20 GB each; SIGTERM also writes one)")
@@ -189,9 +192,10 @@ def get_args_parser(add_help=True):
 
 
 def parse_args(argv=None):
-    """Presets, then flags, then the derived defaults; contradictory flags fail here (paths: check_paths)."""
+    """Presets, then flags, then the derived defaults; contradictory flags fail here (paths: check_paths). --help
+    shows the defaults of the --preset given with it (the demo's without one)."""
     parser = get_args_parser()
-    pre, _ = parser.parse_known_args(argv)
+    pre, _ = get_args_parser(add_help=False).parse_known_args(argv)
     parser.set_defaults(**PRESETS[pre.preset])
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join("runs", args.preset)
@@ -222,15 +226,9 @@ def check_paths(args):
     if args.preset.startswith("openmidnight") and not args.init:
         raise SystemExit("the openmidnight presets start from DINOv2 weights: give --init "
                          "dinov2_vitg14_reg4_pretrain.pth")
-    if args.init and not os.path.exists(args.init):
-        raise SystemExit(f"--init {args.init!r} does not exist (weights are never downloaded: give a local path)")
-    if args.init and os.path.isfile(args.init):
-        with open(args.init, "rb") as f:
-            head = f.read(9)
-        # torch.save's zip, a legacy pickle, or safetensors (an 8-byte header length, then its JSON)
-        if not (head.startswith(b"PK") or head[:1] == b"\x80" or head[8:9] == b"{"):
-            raise SystemExit(f"--init {args.init!r} is not a checkpoint (neither a torch.save file nor safetensors; "
-                             f"it starts with {head!r}): give a .pth/.pt/.bin/.safetensors file or a model folder")
+    problem = args.init and checkpoint_problem(args.init)
+    if problem:
+        raise SystemExit(f"--init {problem}")
 
 
 # -----------------------------------------------------------------------------
@@ -514,7 +512,7 @@ def save_checkpoint(st, args, rng):
     moment a complete checkpoint is on disk; a failed write (a full disk) leaves the previous ones untouched."""
     ckpt = {"student": st.student.state_dict(), "teacher": st.teacher.state_dict(),
             "optimizer": st.opt.state_dict(), "centers": st.centers, "step": st.step, "skipped_steps": st.skipped,
-            "args": vars(args), "rng": rng}
+            "args": vars(args), "rng": rng, "world_size": st.world_size}
     size = 16 * sum(p.numel() for p in st.student.parameters())  # fp32 student, 2 AdamW moments, teacher
     path = os.path.join(args.out, f"checkpoint-{st.step:07d}.pt")
     save_or_stop(ckpt, path, size, st.step)
@@ -544,6 +542,34 @@ def link_latest(path, args):
         os.remove(old)
 
 
+SCHEDULE_FLAGS = ("base_lr", "min_lr", "warmup_steps", "schedule_steps", "weight_decay", "weight_decay_end",
+                  "momentum_teacher", "warmup_teacher_temp", "teacher_temp", "teacher_temp_warmup_steps",
+                  "freeze_last_layer_steps")  # and the global batch, through the lr's square-root scaling
+
+
+def check_schedules(ckpt, args, world, path):
+    """A resume must not move the schedules silently: `--steps 30` after a 20-step run stretches schedule_steps
+    (it follows --steps unless given) and so jumps the lr, weight decay and teacher momentum. Refused unless
+    --change-schedules, saying which flags changed and what moves at the resumed step."""
+    theirs = ckpt["args"]
+    changed = [f"--{k.replace('_', '-')} {theirs[k]} -> {getattr(args, k)}" for k in SCHEDULE_FLAGS
+               if k in theirs and theirs[k] != getattr(args, k)]
+    their_world = ckpt.get("world_size", world)
+    if theirs["batch_size"] * their_world != args.batch_size * world:
+        changed.append(f"global batch {theirs['batch_size'] * their_world} -> {args.batch_size * world} "
+                       "(the lr scales with its square root)")
+    if not changed or args.change_schedules:
+        return
+    old = argparse.Namespace(**{**vars(args), **{k: theirs[k] for k in SCHEDULE_FLAGS if k in theirs}})
+    a, b = schedules(ckpt["step"], old, their_world), schedules(ckpt["step"], args, world)
+    moves = ", ".join(f"{k} {a[k]:.3g} -> {b[k]:.3g}" for k in a if not math.isclose(a[k], b[k], rel_tol=1e-9))
+    keep = f" --schedule-steps {theirs['schedule_steps']}" if "schedule_steps" in theirs else ""
+    raise SystemExit(f"resuming {path} at step {ckpt['step']} would change its schedules: {'; '.join(changed)} (at "
+                     f"that step: {moves or 'nothing moves yet'}). To lengthen the run on the same schedules, give "
+                     f"its flags again{keep and ', e.g.' + keep} (past its end the lr stays at --min-lr); to change "
+                     "them on purpose, add --change-schedules")
+
+
 def resume(st, args, rank):
     """Load the newest readable checkpoint of --out into st. An unreadable one (truncated, corrupt) is reported
     and skipped, never deleted; if checkpoints exist but none loads, the run stops instead of starting over (which
@@ -557,6 +583,7 @@ def resume(st, args, rank):
         except Exception as e:
             unreadable.append(f"{path} ({type(e).__name__}: {str(e)[:120]})")
             continue
+        check_schedules(ckpt, args, st.world_size, path)
         try:
             st.student.load_state_dict(ckpt["student"])
             st.teacher.load_state_dict(ckpt["teacher"])
@@ -680,11 +707,15 @@ def augment_config(args):
 
 def describe_run(args, world, n_patches):
     global_batch = args.batch_size * world
+    scaled = args.base_lr * math.sqrt(global_batch / 1024)
+    end = min(args.warmup_steps, args.steps - 1)  # the warmup's top, or the run's last step if it comes first
+    peak = max(schedules(s, args, world)["lr"] for s in {max(end - 1, 0), end})
+    never = "" if math.isclose(peak, scaled) else f"; the warmup of {args.warmup_steps} steps outlasts the run"
     print(json.dumps(vars(args), indent=1, sort_keys=True))
     print(f"world {world} x batch {args.batch_size} = global batch {global_batch}; {args.steps} steps = "
           f"{args.steps * global_batch:,} images = {args.steps * global_batch / n_patches:.2f} passes over "
-          f"{n_patches:,} patches; lr {schedules(args.warmup_steps, args, world)['lr']:.3e} after warmup "
-          f"(base {args.base_lr} x sqrt({global_batch}/1024)); schedules over {args.schedule_steps} steps; "
+          f"{n_patches:,} patches; lr peaks at {peak:.3e} (base {args.base_lr} x sqrt({global_batch}/1024) = "
+          f"{scaled:.3e}{never}); schedules over {args.schedule_steps} steps; "
           f"autocast {args.dtype}; colour ops on {'device' if args.gpu_augment else 'loader workers'}")
     atomic_write(os.path.join(args.out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
 
@@ -772,13 +803,22 @@ def run_probe(backbone, args, step, log, baseline=None):
 
 
 def main(argv=None):
-    # 1. set up: processes and devices, the run directory (locked: one job at a time), the patch store
+    # 1. set up: processes and devices, the run directory (locked: one job at a time, released however it ends)
     args = parse_args(argv)
     check_paths(args)
     rank, world, local, device = setup_distributed(args)
+    lock = lock_run_dir(args.out) if rank == 0 else None
+    try:
+        run(args, rank, world, local, device)
+    finally:
+        if lock:
+            lock.close()
+
+
+def run(args, rank, world, local, device):
+    # the patch store (rank 0 may fail opening it while the others wait)
     master = rank == 0
-    lock = lock_run_dir(args.out) if master else None
-    with collective_failures(rank, args, world):  # rank 0 may fail opening the store while the others wait
+    with collective_failures(rank, args, world):
         store = open_store(args, master, world)
     aug_cfg = augment_config(args)
     # 2. build the student, the teacher and the optimizer; 3. resume from the newest readable checkpoint
@@ -791,7 +831,8 @@ def main(argv=None):
                               on_device=args.gpu_augment, workers=args.workers, pin_memory=args.device == "cuda",
                               mask_ratio=tuple(args.mask_ratio), mask_prob=args.mask_prob, patch_size=args.patch_size)
     # 4. the loop
-    bar = tqdm(total=args.steps, initial=st.step, disable=not master, dynamic_ncols=True)
+    bar = progress(total=args.steps, initial=st.step, disable=not master, dynamic_ncols=True, desc="steps",
+                   unit="step", every=None)  # in a log file: write_metrics' lines instead
     batches, bad_in_a_row, wins = iter(loader), 0, None
     with StopSignals() as stop, collective_failures(rank, args, world):
         while st.step < args.steps:
@@ -831,8 +872,6 @@ def main(argv=None):
         run_probe(st.teacher.backbone, args, st.step, log, baseline=initial_backbone(args))
     if world > 1:
         dist.destroy_process_group()
-    if lock:
-        lock.close()
 
 
 def report_bad_step(out, batch, st, bad_in_a_row, args):
@@ -854,6 +893,9 @@ def write_metrics(log, metrics, sched, st, args, world, bar):
            "data_time_frac": round(log.data_time / dt, 3)}
     log.write(rec)
     bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{sched['lr']:.2e}", img_s=rec["images_per_s"])
+    if not on_terminal():  # a log file gets one plain line per logged step, as nanoGPT's and DINOv2's
+        tqdm.write(f"step {st.step}/{args.steps}: loss {rec['loss']:.4f}, lr {sched['lr']:.3e}, "
+                   f"{rec['images_per_s']} images/s, data wait {rec['data_time_frac']:.0%}")
     log.t_last, log.data_time = now, 0.0
 
 

@@ -139,7 +139,11 @@ BREAKS = [
     # -- checkpoint resume ------------------------------------------------------------------------------------------
     ("resume: optimizer state not restored", "train.py", 'st.opt.load_state_dict(ckpt["optimizer"])', "pass",
      [TRAIN]),
-    ("resume: RNG not restored", "train.py", 'torch.set_rng_state(ckpt["rng"]["cpu"])', "pass", [TRAIN]),
+    ("resume: RNG not restored", "train.py", 'torch.set_rng_state(rng["cpu"])', "pass", [TRAIN]),
+    ("resume: every rank takes rank 0's RNG", "train.py", "rng = rngs[rank] if rank < len(rngs) else rngs[0]",
+     "rng = rngs[0]", [SAFETY]),
+    ("resume: checkpoint.pt left on an older step", "train.py", 'if os.path.basename(path) != "checkpoint.pt":',
+     "if False:", [SAFETY]),
     ("resume: data order restarts", "train.py", "rank, world, st.step * args.batch_size,", "rank, world, 0,",
      [TRAIN]),
     ("resume: teacher not restored", "train.py", 'st.teacher.load_state_dict(ckpt["teacher"])', "pass", [TRAIN]),
@@ -149,6 +153,20 @@ BREAKS = [
     ("checkpoint: pruned before the new one is in place", "train.py",
      "save_or_stop(ckpt, path, size, st.step)", "[os.remove(f) for f in checkpoint_files(args.out)]\n"
      "    save_or_stop(ckpt, path, size, st.step)", [SAFETY]),
+    ("checkpoint: written before the step's export", "train.py",
+     "            if master and (st.step % args.export_every == 0 or st.step == args.steps):\n"
+     "                export_teacher(st, args)\n",
+     "            if master and (st.step % args.export_every == 0 or st.step == args.steps) and "
+     "not st.step % args.checkpoint_every == 0:\n                export_teacher(st, args)\n", [SAFETY]),
+    ("health: prototypes counted per step", "train.py", "wins = step_wins if wins is None else wins + step_wins",
+     "wins = step_wins", [TRAIN]),
+    # -- the store at scale (data.py) ---------------------------------------------------------------------------
+    ("store: an index trusted whatever the manifest", "data.py", 'info["manifest_sha1"] == manifest_sha1(root) and',
+     "", [DATA]),
+    ("store: every shard file kept open", "data.py", "if len(self._files) >= self.MAX_OPEN_SHARDS:", "if False:",
+     [DATA]),
+    ("loader: one descriptor per tensor in flight", "data.py",
+     "return one_storage(batch) if torch.utils.data.get_worker_info() else batch", "return batch", [DATA]),
 ]
 
 

@@ -440,3 +440,14 @@ def test_loader_batches_are_seeded_by_sample_not_worker(tmp_path):
         assert torch.equal(torch.cat([g1, g2]), whole[key]), key
     path_a = next(iter(data.make_loader(store, 3, seed=5, workers=0, on_device=False)))
     assert path_a["global_crops"].dtype == torch.float32
+
+
+def test_a_rerun_says_what_an_earlier_run_finished(tmp_path, capsys):
+    run_prepare(SAMPLE_SLIDE, "--out", tmp_path / "st", "--patches-per-level", 5)
+    assert "finished by an earlier run" not in capsys.readouterr().out
+    run_prepare(SAMPLE_SLIDE, "--out", tmp_path / "st", "--patches-per-level", 5)
+    assert "from 1/1 slides in" in (out := capsys.readouterr().out) and "1 of them finished by an earlier run" in out
+    os.makedirs(tmp_path / "probe")
+    (tmp_path / "probe" / "DONE").write_text("")
+    assert P.main(["--demo", "--out", str(tmp_path / "st"), "--probe-out", str(tmp_path / "probe")]) == 0
+    assert "the demo's data is already in" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """eval_probe.py: metrics by hand, probes on synthetic features, dataset layouts, checkpoints, cache, PCA, bad input."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -148,7 +149,7 @@ def test_cli_end_to_end_with_cache_and_corrupt_image(image_folder, hub_weights, 
         raise AssertionError("features should have come from the cache")
 
     monkeypatch.setattr(E, "extract_features", no_extraction)
-    again = E.main(argv + ["--no-linear"])
+    again = E.main(argv + ["--no-linear", "--out", str(tmp_path / "knn.json")])  # other settings: another file
     assert again["knn"] == res["knn"]
 
 
@@ -161,7 +162,8 @@ def test_a_split_shared_by_two_tasks_is_embedded_once(image_folder, hub_weights,
     embedded, extract = [], E.extract_features
     monkeypatch.setattr(E, "extract_features", lambda m, items, *a, **k: embedded.append(items) or extract(
         m, items, *a, **k))
-    E.main(argv + ["--no-linear", "--few-shot", "2", "--few-shot-draws", "1", "--few-shot-draw", "same"])
+    E.main(argv + ["--no-linear", "--few-shot", "2", "--few-shot-draws", "1", "--few-shot-draw", "same", "--out",
+                   str(tmp_path / "few.json")])
     assert len(embedded) == 1 and len(embedded[0]) == 4  # 2 shots x 2 classes of train; val and test from cache
 
 
@@ -208,3 +210,85 @@ def test_clear_errors_for_bad_layouts_and_wrong_arch(image_folder, hub_weights, 
     with pytest.raises(ValueError, match="vit_small"):
         E.main(["--weights", str(path), "--data", str(image_folder), "--arch", "vit_base", "--size", "56",
                 "--cache-dir", str(tmp_path / "c"), "--workers", "0"])
+
+
+def test_results_of_two_runs_settings_or_actions_never_overwrite_each_other(image_folder, tmp_path, monkeypatch,
+                                                                            capsys):
+    # two runs' exports share the name teacher_backbone.pth; each gets its own default file, as does a PCA-only
+    # look; an explicit --out holding another run's result is refused unless --force
+    monkeypatch.chdir(tmp_path)  # the default folder is runs/eval under the working directory
+    for i, run in enumerate(("run_a", "run_b")):
+        torch.manual_seed(i)
+        os.makedirs(tmp_path / run)
+        torch.save(M.ViT("vit_small", img_size=56, depth=2, num_register_tokens=4, layerscale_init=1.0).state_dict(),
+                   tmp_path / run / "teacher_backbone.pth")
+    common = ["--data", str(image_folder), "--size", "56", "--workers", "0", "--cache-dir", str(tmp_path / "c")]
+    probe = ["--knn", "--no-linear"]
+    a = E.main(["--weights", "run_a/teacher_backbone.pth", *common, *probe])
+    b = E.main(["--weights", "run_b/teacher_backbone.pth", *common, *probe])
+    pca = E.main(["--weights", "run_a/teacher_backbone.pth", *common, "--no-linear", "--pca", "maps.png",
+                  "--pca-images", "2"])
+    files = sorted(os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path / "runs") for f in fs)
+    assert len(files) == 3 and all(f.startswith("runs/eval/imagefolder/") for f in files)
+    assert [f.split("/")[-1].rsplit("_", 1)[0] for f in files] == [
+        "run_a_teacher_backbone_knn", "run_a_teacher_backbone_pca", "run_b_teacher_backbone_knn"], files
+    saved = {json.load(open(tmp_path / f))["settings"]["weights"]: json.load(open(tmp_path / f)) for f in files
+             if "knn" in f}
+    assert saved["run_a/teacher_backbone.pth"]["knn"] == a["knn"] and saved["run_b/teacher_backbone.pth"]["knn"] == \
+        b["knn"] and "headline" not in pca
+    assert "no probe (--no-linear without --knn or --few-shot); PCA map maps.png" in capsys.readouterr().out
+    out = ["--out", str(tmp_path / "mine.json")]
+    E.main(["--weights", "run_a/teacher_backbone.pth", *common, *probe, *out])
+    with pytest.raises(SystemExit, match=r"mine.json holds the results of other weights or settings \(weights: '.*"
+                                         r"run_a/teacher_backbone.pth' -> '.*run_b/teacher_backbone.pth'\).*--force"):
+        E.main(["--weights", "run_b/teacher_backbone.pth", *common, *probe, *out])
+    E.main(["--weights", "run_b/teacher_backbone.pth", *common, *probe, *out, "--force"])
+    assert json.load(open(tmp_path / "mine.json"))["knn"] == b["knn"]
+
+
+def test_layout_errors_name_the_expected_layout_and_bad_paths_one_line(hub_weights, tmp_path, capsys):
+    path, _ = hub_weights
+    for c in ("ADI", "TUM"):  # CRC-100K without its validation archive
+        os.makedirs(tmp_path / "crc" / "NCT-CRC-HE-100K" / c)
+    with pytest.raises(SystemExit, match=r"crc.*CRC-VAL-HE-7K is missing.*expected NCT-CRC-HE-100K/<9 classes: ADI "
+                                         r"BACK DEB LYM MUC MUS NORM STR TUM>/\*\.tif and CRC-VAL-HE-7K/<the same 9"):
+        E.main(["--weights", str(path), "--data", str(tmp_path / "crc"), "--dataset", "crc"])
+    for split, classes in (("NCT-CRC-HE-100K", ("ADI", "TUM")), ("CRC-VAL-HE-7K", ("ADI",))):
+        for c in classes:
+            os.makedirs(tmp_path / "crc" / split / c, exist_ok=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "crc" / split / c / "x.tif")
+    with pytest.raises(SystemExit) as stop:  # a class missing from validation: the layout, not the imagefolder hint
+        E.main(["--weights", str(path), "--data", str(tmp_path / "crc"), "--dataset", "crc"])
+    assert re.search(r"has no images of classes \['BACK', .*'STR'\]: expected NCT-CRC-HE-100K/<9", str(stop.value))
+    assert "single folder" not in str(stop.value)
+    (tmp_path / "notes.pth").write_text("some notes")
+    for argv, needle in ((["--weights", str(tmp_path / "notes.pth"), "--data", str(tmp_path)],
+                          "notes.pth' is not a checkpoint: it starts with b'some notes'; give a torch.save file"),
+                         (["--weights", str(path), "--data", str(tmp_path / "nowhere")], "nowhere' does not exist")):
+        with pytest.raises(SystemExit):
+            E.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert needle in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_made_validation_split_is_said_and_a_one_class_probe_warns(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for s in ("train", "test"):  # no validation folder
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / "d" / s / c)
+            for i in range(10):
+                pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "d" / s / c / f"{i}.png")
+    torch.manual_seed(0)
+    m = M.ViT("vit_small", img_size=28, depth=1, num_register_tokens=0, layerscale_init=1.0)
+    with torch.no_grad():
+        m.norm.weight.zero_()  # every feature constant (the norm's bias): no head can tell the classes apart
+    torch.save(m.state_dict(), tmp_path / "flat.pth")
+    res = E.main(["--weights", str(tmp_path / "flat.pth"), "--data", str(tmp_path / "d"), "--size", "28", "--workers",
+                  "0", "--runs", "2", "--max-steps", "20", "--out", str(tmp_path / "r.json"), "--cache-dir",
+                  str(tmp_path / "c")])
+    printed = capsys.readouterr().out
+    assert "has no validation split: a seeded (--seed 0) stratified 20% of train (4 images) is held out" in printed
+    assert res["settings"]["validation_made_from_train"] and res["settings"]["n"]["val"] == 4
+    assert "warning: 2 of 2 linear heads predict one class for every test image" in printed
+    assert all(r["one_class"] for r in res["linear"]["runs"])

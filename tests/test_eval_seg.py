@@ -385,8 +385,14 @@ def test_main_monusac_online(tmp_path, tiny_weights):
     assert res["settings"]["online_encoder"] and res["settings"]["ignore_index"] == 5
 
 
-def test_main_bad_input(tmp_path, tiny_weights):
-    with pytest.raises(SystemExit, match="no weights file"):
-        S.main(["--weights", str(tmp_path / "nope.pth"), "--data", str(tmp_path), "--dataset", "consep"])
-    with pytest.raises(SystemExit, match="no dataset folder"):
-        S.main(["--weights", tiny_weights, "--data", str(tmp_path / "nope"), "--dataset", "consep"])
+def test_main_bad_input(tmp_path, tiny_weights, capsys):
+    (tmp_path / "notes.pth").write_text("not weights")
+    for argv, needle in (
+            (["--weights", str(tmp_path / "nope.pth"), "--data", str(tmp_path)], "nope.pth' does not exist"),
+            (["--weights", str(tmp_path / "notes.pth"), "--data", str(tmp_path)],
+             "notes.pth' is not a checkpoint: it starts with b'not weights'; give a torch.save file"),
+            (["--weights", tiny_weights, "--data", str(tmp_path / "nope")], "nope' does not exist")):
+        with pytest.raises(SystemExit):
+            S.main(argv + ["--dataset", "consep"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert needle in err[-1] and ": error: argument --" in err[-1]  # one line, not a traceback

@@ -251,4 +251,4 @@ def test_one_shot_contract_embeds_then_probes(tmp_path, tiny_weights):
     assert json.load(open(out))["headline"] == res["headline"]
     caches = os.listdir(tmp_path / "res" / "slide_embeddings")
     assert len(caches) == 1 and caches[0].startswith("csv-")
-    assert len(E.main(argv + ["--runs", "1"])["abmil"]["runs"]) == 1  # a rerun reuses the cache
+    assert len(E.main(argv + ["--runs", "1", "--force"])["abmil"]["runs"]) == 1  # a rerun reuses the cache

@@ -77,7 +77,9 @@ def test_results_table_runs_present_tasks_resumes_and_reports_failures(weights, 
     argv = ["--weights", weights, "--suite", str(suite_root), "--out", str(out), "--quick", "--size", "56",
             "--workers", "0", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
             "--tasks", "pcam10", "bach", "bracs", "camelyon16", "consep"]
-    summary = E.main(argv)
+    with pytest.raises(SystemExit, match=r"^1 of 4 tasks failed \(consep\): their errors are in .*results.md"):
+        E.main(argv)  # the table is written, and the exit status says a task failed
+    summary = json.load(open(out / "results.json"))
     assert calls == ["pcam10", "bach", "camelyon16", "consep"]  # bracs/ is absent: skipped, not run
     status = {k: r["status"] for k, r in summary["tasks"].items()}
     assert status == {**dict.fromkeys(S.KEYS, "absent"), "pcam10": "ok", "bach": "ok", "pcam": "skipped",
@@ -108,7 +110,8 @@ def test_results_table_runs_present_tasks_resumes_and_reports_failures(weights, 
     assert any(line.startswith("| Midnight-12k") and "0.803" in line for line in lines)
 
     calls.clear()  # a rerun does only what failed
-    E.main(argv)
+    with pytest.raises(SystemExit, match="1 of 4 tasks failed"):
+        E.main(argv)
     assert calls == ["consep"]
     calls.clear()  # new weights (a newer file) make the cached results stale
     st = os.stat(weights)
@@ -129,6 +132,7 @@ def test_every_column_argv_parses_with_its_script(weights, tmp_path):
     args = E.get_args(["--weights", weights, "--suite", str(tmp_path), "--norm", "half", "--device", "cpu"])
     for task in S.COLUMNS:
         script = pytest.importorskip(task.module)
+        os.makedirs(tmp_path / task.folder, exist_ok=True)  # --data must exist
         proto, runtime = S.task_argv(task, args, task.runs)
         parsed = script.get_args(proto + runtime + ["--out", str(tmp_path / "r.json")])
         assert parsed.dataset == task.argv[1] and parsed.data.endswith(os.sep + task.folder)
@@ -171,11 +175,10 @@ def test_few_shot_embeds_only_the_drawn_images(weights, tmp_path):
         for i in range(12):
             noisy_image(colour, rng).save(tmp_path / "data" / name / f"{i}.png")
     base = ["--weights", weights, "--data", str(tmp_path / "data"), "--size", "56", "--workers", "0", "--no-linear",
-            "--few-shot", "3", "--few-shot-draws", "3", "--max-steps", "20", "--cache-dir", str(tmp_path / "c"),
-            "--out", str(tmp_path / "r.json")]
-    same = E.main(base + ["--few-shot-draw", "same"])
+            "--few-shot", "3", "--few-shot-draws", "3", "--max-steps", "20", "--cache-dir", str(tmp_path / "c")]
+    same = E.main(base + ["--few-shot-draw", "same", "--out", str(tmp_path / "same.json")])
     assert same["settings"]["n"]["train"] == 6  # one draw of 3 per class serves all 3 heads
-    per_run = E.main(base + ["--few-shot-draw", "per-run"])
+    per_run = E.main(base + ["--few-shot-draw", "per-run", "--out", str(tmp_path / "per_run.json")])
     assert per_run["settings"]["n"]["train"] > 6  # three draws: their union is embedded
     assert same["headline"]["method"] == "few_shot_3" and len(same["few_shot_3"]["runs"]) == 3
 

@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -216,7 +217,7 @@ def test_truncated_latest_checkpoint_falls_back_and_is_kept(small_store, tmp_pat
     latest = tmp_path / "checkpoint-0000004.pt"
     data = latest.read_bytes()
     latest.write_bytes(data[:len(data) // 2])  # checkpoint.pt is a hard link to it: both are now truncated
-    train.main(tiny_train_args(small_store, tmp_path, "--steps", 3, "--checkpoint-every", 2))
+    train.main(tiny_train_args(small_store, tmp_path, "--steps", 3, "--schedule-steps", 4, "--checkpoint-every", 2))
     printed = capsys.readouterr().out
     assert "skipped unreadable checkpoint" in printed and "checkpoint-0000004.pt" in printed
     assert "at step 2" in printed  # the newest readable one
@@ -236,7 +237,7 @@ def test_no_readable_checkpoint_refuses_to_start_over(small_store, tmp_path):
 
 
 def test_full_disk_during_a_save_keeps_the_previous_checkpoints(small_store, tmp_path, monkeypatch):
-    train.main(tiny_train_args(small_store, tmp_path, "--steps", 2, "--checkpoint-every", 2))
+    train.main(tiny_train_args(small_store, tmp_path, "--steps", 2, "--schedule-steps", 4, "--checkpoint-every", 2))
     real_save = torch.save
 
     def disk_full(obj, f, *a, **k):
@@ -245,7 +246,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoints(small_store, tmp
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(SystemExit, match="No space left on device.*GiB needed.*kept"):
-        train.main(tiny_train_args(small_store, tmp_path, "--steps", 4, "--checkpoint-every", 2))
+        train.main(tiny_train_args(small_store, tmp_path, "--steps", 4, "--schedule-steps", 4, "--checkpoint-every", 2))
     monkeypatch.setattr(torch, "save", real_save)
     assert readable_steps(tmp_path) == {2} and not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
@@ -311,8 +312,9 @@ def test_probe_refuses_one_class_and_names_missing_files(tmp_path):
     for i in range(6):
         os.makedirs(tmp_path / "one" / "a", exist_ok=True)
         Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(tmp_path / "one" / "a" / f"{i}.png")
+    torch.save({}, tmp_path / "unused.pth")  # never loaded: the data is refused first
     with pytest.raises(SystemExit, match="1 class.*at least 2"):
-        E.main(["--weights", "unused.pth", "--data", str(tmp_path / "one")])
+        E.main(["--weights", str(tmp_path / "unused.pth"), "--data", str(tmp_path / "one")])
     rows = ["path,label"] + [f"one/a/{i}.png,{'x' if i % 2 else 'y'}" for i in range(6)] + ["gone.png,x"]
     (tmp_path / "list.csv").write_text("\n".join(rows))
     splits, classes = E.load_csv(str(tmp_path / "list.csv"), 0)
@@ -360,13 +362,25 @@ def test_a_fresh_clone_anywhere_logs_the_same_demo_numbers(small_store, tmp_path
         os.symlink(os.path.join(ROOT, "assets"), clone / "assets")
         if logs:
             shutil.copytree(tmp_path / "one" / "data", clone / "data")
-        subprocess.run([sys.executable, "train.py", "--steps", "2", "--log-every", "1", "--batch-size", "4",
-                        "--init", os.path.join(small_store, "tiny_backbone.pth"), "--global-size", "56",
-                        "--local-size", "28", "--probe-size", "56"], cwd=clone, check=True, capture_output=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        run = subprocess.run([sys.executable, "train.py", "--steps", "2", "--log-every", "1", "--batch-size", "4",
+                              "--init", os.path.join(small_store, "tiny_backbone.pth"), "--global-size", "56",
+                              "--local-size", "28", "--probe-size", "56"], cwd=clone, check=True, capture_output=True,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         with open(clone / "runs" / "demo" / "metrics.jsonl") as f:
             logs.append([{k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "data_time_frac")}
                          for line in f])
+        printed = [line for line in run.stdout.splitlines() if "teacher kNN balanced accuracy" in line]
     assert logs[0] == logs[1]
     probe = logs[0][-1]["probe"]
     assert probe["n_test"] == 60 and "initial_weights" in probe  # 20% of the 300-image probe set, and the baseline
+    # the README's demo line: this shortened run prints the same line with its own numbers, and the full demo's
+    # baseline (the demo's ViT-S before training, at 224 px, on the same probe set) is the README's number
+    with open(os.path.join(ROOT, "README.md")) as f:
+        promised = re.search(r"^step 60: teacher kNN balanced accuracy .*$", f.read(), re.M).group(0)
+    pattern = "".join(r"[\d.]+" if re.fullmatch(r"[\d.]+", t) else re.escape(t)
+                      for t in re.split(r"(\d+(?:\.\d+)?)", promised))
+    assert len(printed) == 1 and re.fullmatch(pattern, printed[0]), (printed, promised)
+    demo = train.parse_args([])
+    baseline = E.quick_knn(train.initial_backbone(demo), str(tmp_path / "one" / "data" / "sample_probe"),
+                           demo.probe_size)
+    assert promised.endswith(f"(the same ViT before training: {baseline['balanced_accuracy']:.3f})")

@@ -226,7 +226,9 @@ def test_jpeg_tiles_give_openslides_pixels(tmp_path, monkeypatch):
     # --openslide-only: the tiles are not even opened
     monkeypatch.setattr(R, "open_tiles", None)
     assert torch.equal(read_all(path, 0.9, 32, 60, jpeg_tiles=False), got)
-    assert E.get_args(["embed", "--weights", "w", "--slides", "s", "--out", "o", "--openslide-only"]).openslide_only
+    torch.save({}, tmp_path / "w.pth")
+    assert E.get_args(["embed", "--weights", str(tmp_path / "w.pth"), "--slides", path, "--out", "o",
+                       "--openslide-only"]).openslide_only
 
 
 def test_resize_float_fallback_rounds_like_the_uint8_kernel(monkeypatch):

@@ -279,3 +279,83 @@ def test_bench_memory_prediction_counts_the_fixed_part_and_measures_activations(
     o = out["selective"]
     assert o["predicted_gib"] == pytest.approx(o["fixed_gib"] + o["activations_gib_constant"] +
                                                40 * o["activations_gib_per_image"])
+
+
+def test_lengthening_a_run_says_what_its_schedules_would_do_and_how_to_keep_them(small_store, tmp_path, capsys):
+    train.main(tiny_train_args(small_store, tmp_path, "--steps", 4, "--warmup-steps", 1))
+    with pytest.raises(SystemExit) as stop:  # --steps 6 alone would stretch the cosines from 4 to 6 steps
+        train.main(tiny_train_args(small_store, tmp_path, "--steps", 6, "--warmup-steps", 1))
+    msg = str(stop.value)
+    assert "would change its schedules: --schedule-steps 4 -> 6" in msg and "--schedule-steps 4" in msg
+    old, new = (train.schedules(4, train.parse_args(tiny_train_args(small_store, tmp_path, "--steps", n,
+                                                                    "--warmup-steps", 1)), 1) for n in (4, 6))
+    assert f"lr {old['lr']:.3g} -> {new['lr']:.3g}" in msg and "--change-schedules" in msg  # the jump, by hand
+    train.main(tiny_train_args(small_store, tmp_path, "--steps", 6, "--schedule-steps", 4, "--warmup-steps", 1))
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["lr"] == 1e-6  # past the schedule: min lr
+    train.main(tiny_train_args(small_store, tmp_path, "--steps", 8, "--warmup-steps", 1, "--change-schedules"))
+    assert read_metrics(tmp_path)[-1]["lr"] > 1e-6  # deliberately stretched to 8
+
+
+@pytest.mark.parametrize("warmup", [10, 20])
+def test_the_start_up_lr_is_the_peak_the_run_reaches(small_store, tmp_path, capsys, warmup):
+    # a warmup as long as the run (or longer) never reaches the cosine: the printed lr is the log's largest
+    train.main(tiny_train_args(small_store, tmp_path, "--steps", 10, "--warmup-steps", warmup))
+    printed = capsys.readouterr().out
+    top = max(r["lr"] for r in read_metrics(tmp_path))
+    assert f"lr peaks at {top:.3e} (base 0.05 x sqrt(4/1024) = {0.05 * math.sqrt(4 / 1024):.3e}" in printed
+    assert ("outlasts the run" in printed) == (warmup > 10)
+
+
+def test_every_flag_of_every_script_shows_help_default_and_range(monkeypatch, capsys):
+    import argparse
+
+    import cli
+    import eval_hest
+    import eval_probe
+    import eval_seg
+    import eval_slide
+    import prepare_patches
+    parsers = [train.get_args_parser()]
+
+    def grab(self, args=None, namespace=None):  # each script's parser, as built by its get_args
+        parsers.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli.Parser, "parse_args", grab)
+    for get_args in (prepare_patches.get_args, eval_probe.get_args, eval_seg.get_args, eval_hest.get_args,
+                     eval_slide.get_args):
+        with pytest.raises(SystemExit):
+            get_args(["probe"] if get_args is eval_slide.get_args else [])
+    subcommands = [p for parser in parsers for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                   for p in a.choices.values()]
+    formatter = cli.HelpFormatter("x")
+    for parser in parsers + subcommands:
+        for a in parser._actions:
+            if not a.option_strings or a.dest == "help":
+                continue
+            shown = formatter._get_help_string(a)
+            assert a.help, (parser.prog, a.option_strings)
+            assert ("range" in shown) == bool(getattr(a.type, "range", None)), (parser.prog, a.option_strings)
+            assert "default:" in shown or a.default in (None, False), (parser.prog, a.option_strings)
+    assert len(parsers) == 6 and len(subcommands) == 3
+    monkeypatch.undo()
+    text = " ".join(train.get_args_parser().format_help().split())
+    assert "[range >= 1; default: 48]" in text and "[range >= 0.0 and <= 1.0; default: 0.5]" in text
+    with pytest.raises(SystemExit):
+        train.parse_args(["--batch_size", "4"])
+    assert "unrecognized arguments: --batch_size 4 (did you mean --batch_size -> --batch-size?)" in \
+        capsys.readouterr().err
+
+
+def test_redirected_output_is_plain_lines_not_a_bar(small_store, tmp_path):
+    # as on a cluster: stdout and stderr are files, so no tqdm bar (one line of carriage returns) but a plain line
+    # per logged step
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
+                          *tiny_train_args(small_store, tmp_path, "--steps", 3)], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "\r" not in run.stderr and "\r" not in run.stdout
+    assert [line.split(":")[0] for line in run.stdout.splitlines() if line.startswith("step ")] == \
+        ["step 1/3", "step 2/3", "step 3/3"]
+    assert "steps: 3/3 step in" in run.stderr  # the bar's single closing line
