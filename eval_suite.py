@@ -9,7 +9,8 @@ segmentation tasks and HEST, plus their average. BENCH_ROOT holds any subset of 
 one folder per dataset named as in COLUMNS (pcam/ serves PCam and PCam 10-shot); every column whose folder is
 present runs with its own protocol (eval_probe.py, eval_slide.py, eval_seg.py, eval_hest.py, called through the
 evaluation-script contract: main(argv) -> results with a "headline"). OUT/results.json keeps every figure and
-setting; OUT/results.md has this model's row above the published rows (PUBLISHED, each with its source). Each
+setting; OUT/results.md has this model's row above the post's table (PUBLISHED: its 18 rows, cited) and kaiko-ai's
+later Midnight README rows as a separate block. Each
 task's result is cached in OUT/tasks/<column>.json with the settings it ran with, so a rerun does only what is
 missing, stale or failed; a failing task is reported as failed and the others still run. When bach/ is present
 the suite also draws the t-SNE map of BACH's CLS features (OUT/tsne_bach.png, from the probe's feature cache).
@@ -57,21 +58,59 @@ COLUMNS = [
 KEYS = [t.key for t in COLUMNS]
 
 # -----------------------------------------------------------------------------
-# published rows (facts, with their source); None = not found, shown as an empty cell with a footnote
+# published rows (facts, with their source): the post's whole table, then kaiko-ai's later Midnight README rows
 
+OM_POST = ("Sophont, \"How to Train a State-of-the-Art Pathology Foundation Model with $1.6k\", "
+           "https://sophont.med/blog/openmidnight (December 2025, linked from MedARC-AI/OpenMidnight's README), "
+           "section Results: OpenMidnight's row, and the other models' rows as the post takes them from Karasikov et "
+           "al. 2025 (arXiv 2504.05186); CLS token only; its table's values (its prose swaps two: see the notes)")
 MIDNIGHT_README = ("https://github.com/kaiko-ai/Midnight/blob/e48dce1567a1db3c9cfedecace6f20262c07d5aa/README.md, "
-                   "Results Summary (Karasikov et al., arXiv 2504.05186)")
-OM_POST = ("https://sophont.med/blog/openmidnight (linked from the OpenMidnight README); five columns as quoted by "
-           "this project, the post's other values were not at hand when this table was written: empty, not guessed")
+                   "Results Summary: later runs with Midnight's protocol (CLS + mean patch token, mean/std 0.5; "
+                   "Midnight-92k/392 at 392 px), so they differ from the post's copy of the paper")
 
 
-def _row(values, average, source):
-    return {"values": dict(zip(KEYS, values)), "average": average, "source": source}
+def _row(values, average, source, wsis=None):
+    return {"values": dict(zip(KEYS, values)), "average": average, "source": source, "wsis": wsis}
 
 
-PUBLISHED = {
-    "OpenMidnight": {"values": {**dict.fromkeys(KEYS), "camelyon16": 0.946, "panda": 0.652, "consep": 0.631,
-                                "monusac": 0.655, "hest": 0.390}, "average": None, "source": OM_POST},
+PUBLISHED = {  # the post's table, row by row, its column order = COLUMNS
+    "OpenMidnight": _row([.790, .916, .661, .873, .961, .817, .844, .938, .946, .652, .631, .655, .390], .775,
+                         OM_POST, "12K"),
+    "Midnight": _row([.900, .906, .642, .850, .964, .809, .825, .951, .831, .633, .663, .707, .384], .774, OM_POST,
+                     "92K"),
+    "UNI-2": _row([.887, .914, .661, .860, .965, .778, .823, .949, .868, .659, .628, .644, .414], .773, OM_POST,
+                  "350K"),
+    "UNI-2/392": _row([.821, .917, .663, .829, .965, .791, .849, .927, .858, .653, .629, .659, .407], .767, OM_POST,
+                      "350K"),
+    "Virchow2": _row([.851, .884, .624, .823, .966, .778, .861, .936, .865, .656, .639, .676, .398], .766, OM_POST,
+                     "3.1M"),
+    "Midnight 92k": _row([.876, .896, .616, .789, .966, .820, .811, .950, .861, .625, .629, .656, .392], .761, OM_POST,
+                         "92K"),
+    "Midnight 12k": _row([.791, .904, .644, .841, .966, .801, .807, .930, .850, .663, .626, .663, .395], .760, OM_POST,
+                         "12K"),
+    "H-Optimus-0": _row([.824, .757, .615, .808, .956, .771, .842, .942, .838, .670, .644, .685, .415], .751, OM_POST,
+                        "500K"),
+    "Kaiko-B8": _row([.786, .872, .617, .825, .957, .748, .828, .917, .831, .642, .643, .686, .373], .748, OM_POST,
+                     "29K"),
+    "TCGA-100M": _row([.774, .864, .615, .779, .967, .799, .792, .927, .852, .667, .622, .656, .396], .747, OM_POST,
+                      "12K"),
+    "Prov-GigaPath": _row([.852, .766, .616, .821, .951, .720, .831, .942, .791, .660, .626, .687, .393], .743,
+                          OM_POST, "171K"),
+    "Hibou-L": _row([.804, .811, .637, .740, .933, .763, .839, .952, .823, .634, .645, .668, .388], .740, OM_POST,
+                    "1.1M"),
+    "UNI": _row([.815, .791, .593, .789, .948, .757, .840, .938, .822, .655, .627, .659, .386], .740, OM_POST, "100K"),
+    "UNI/512": _row([.737, .877, .612, .732, .950, .754, .814, .883, .814, .654, .621, .658, .364], .728, OM_POST,
+                    "100K"),
+    "Phikon": _row([.820, .735, .568, .713, .942, .729, .804, .923, .809, .644, .623, .644, .367], .717, OM_POST,
+                   "12K"),
+    "Phikon v2": _row([.741, .734, .600, .716, .939, .755, .784, .893, .803, .631, .626, .645, .375], .711, OM_POST,
+                      "60K"),
+    "DINOv2-giant (pretrained)": _row([.719, .725, .583, .832, .935, .744, .862, .874, .507, .382, .564, .614, .342],
+                                      .668, OM_POST, "0"),
+    "DINOv2-giant (random)": _row([.649, .473, .411, .427, .748, .464, .569, .755, .566, .308, .461, .428, .172], .495,
+                                  OM_POST, "0"),
+}
+MIDNIGHT_README_ROWS = {  # a separate block, labelled: useful beside Midnight's own protocol, not the post's table
     "Midnight-92k/392": _row([.900, .904, .646, .802, .966, .807, .828, .951, .868, .651, .662, .708, .415], .778,
                              MIDNIGHT_README),
     "Midnight-92k": _row([.882, .889, .615, .793, .967, .823, .831, .948, .872, .643, .629, .656, .425], .767,
@@ -84,18 +123,16 @@ PUBLISHED = {
                      MIDNIGHT_README),
     "H-optimus-0": _row([.831, .752, .620, .813, .962, .769, .850, .943, .847, .672, .644, .687, .425], .755,
                         MIDNIGHT_README),
-    "DINOv2-giant (ImageNet)": _row([.721, .724, .578, .783, .943, .740, .855, .881, .500, .509, .565, .614, .351],
-                                    .674, MIDNIGHT_README),
-    "DINOv2-giant (random init)": _row([.652, .474, .413, .425, .754, .459, .578, .763, .526, .304, .462, .432,
-                                        .166], .493, MIDNIGHT_README),
 }
 FOOTNOTES = [
     "Metrics: balanced accuracy (classification, test split where the dataset has one, else val), Dice "
     "(segmentation), Pearson r (HEST); each the mean over eva's runs (5 probes, 50 PCam 10-shot heads, 20 MIL "
-    "heads, 5 segmentation heads).",
-    "Midnight README rows use Midnight's protocol: CLS + mean patch token, mean/std 0.5 (Midnight-92k/392 at 392 "
-    "px); their average is over all 13 columns. Its March-2025 version had other Cam16/PANDA values (e.g. "
-    "Midnight-12k 0.855 / 0.648), revised with the paper on 2025-04-07.",
+    "heads, 5 segmentation heads). An average is over the columns it says (n/13), never a subset shown as a whole.",
+    "The post's prose swaps two numbers: it gives OpenMidnight \"0.946 and 0.873\" on \"BreakHis and Cam16(small)\" "
+    "and UNI-2 \"0.873 on Cam16(small)\"; its table, used here, has BreakHis 0.873 / Cam16 0.946 for OpenMidnight "
+    "and Cam16 0.868 for UNI-2.",
+    "Hibou-L's printed average, 0.740, is below the mean of its 13 printed values (0.741, more than rounding "
+    "explains); kept as the post prints it, as every row.",
 ]
 
 # -----------------------------------------------------------------------------
@@ -182,7 +219,9 @@ def run_suite(args):
                             "tasks": args.tasks, "features": args.features, "norm": args.norm, "size": args.size,
                             "device": args.device, "columns": [t._asdict() for t in COLUMNS]},
                "row": {k: r["results"]["headline"]["value"] for k, r in records.items() if r["status"] == "ok"},
-               "tasks": records, "tsne": tsne, "published": PUBLISHED, "footnotes": FOOTNOTES}
+               "tasks": records, "tsne": tsne, "published": PUBLISHED, "published_midnight_readme":
+               MIDNIGHT_README_ROWS, "sources": {"published": OM_POST, "published_midnight_readme": MIDNIGHT_README},
+               "footnotes": FOOTNOTES}
     summary["average"] = float(np.mean(list(summary["row"].values()))) if summary["row"] else None
     eval_probe.save_results(os.path.join(out, "results.json"), summary, force=True)
     md = results_markdown(summary, args)
@@ -224,8 +263,9 @@ def _cell(x):
 
 
 def results_markdown(summary, args):
-    """This model's row (the average over the columns it has, and over the same columns for every row) above
-    the published rows, with footnotes for what failed, what is absent and where each number comes from."""
+    """This model's row (its average over the columns it has, marked n/13, and over the same columns for every row)
+    above the post's table, then kaiko-ai's Midnight README rows as a separate block; footnotes for what failed, what
+    is absent and where each number comes from."""
     tasks, row = summary["tasks"], summary["row"]
     notes, marks = [], {}
     for k, r in tasks.items():
@@ -235,27 +275,34 @@ def results_markdown(summary, args):
     absent = [k for k, r in tasks.items() if r["status"] == "absent"]
     skipped = [k for k, r in tasks.items() if r["status"] == "skipped"]
     name = os.path.basename(args.weights) + (" (quick: one seed per task)" if args.quick else "")
-    head = ["Model", *[t.header for t in COLUMNS], "Average", f"Avg, same {len(row)} tasks"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    cells = [marks.get(k, _cell(row.get(k))) for k in KEYS]
-    lines.append(f"| **{name}** | " + " | ".join(cells) + f" | {_cell(summary['average'])} ({len(row)}/13) | "
-                 f"{_cell(summary['average'])} |")
-    sources = {}
-    for model, pub in PUBLISHED.items():
-        ref = sources.setdefault(pub["source"], len(sources) + 1 + len(FOOTNOTES) + len(notes))
-        vals = pub["values"]
-        have = [v for v in vals.values() if v is not None]
-        same = [vals[k] for k in row] if row and all(vals[k] is not None for k in row) else None
-        lines.append(f"| {model} [{ref}] | " + " | ".join(_cell(vals[k]) for k in KEYS) +
-                     f" | {_cell(np.mean(have))} ({len(have)}/13) | {_cell(np.mean(same) if same else None)} |")
+    head = ["Model", *[t.header for t in COLUMNS], "Average", f"Avg, same {len(row)} tasks", "#WSIs"]
+    rule = "|" + "---|" * len(head)
+    sources = [OM_POST, MIDNIGHT_README]
+
+    def published(rows):
+        out = []
+        for model, pub in rows.items():
+            vals = pub["values"]
+            n = sum(v is not None for v in vals.values())
+            same = [vals[k] for k in row] if row and all(vals[k] is not None for k in row) else None
+            out.append(f"| {model} [{len(FOOTNOTES) + len(notes) + 1 + sources.index(pub['source'])}] | " +
+                       " | ".join(_cell(vals[k]) for k in KEYS) + f" | {_cell(pub['average'])} ({n}/13) | "
+                       f"{_cell(np.mean(same) if same else None)} | {pub.get('wsis') or ''} |")
+        return out
+
+    ours = f"| **{name}** | " + " | ".join(marks.get(k, _cell(row.get(k))) for k in KEYS) + \
+        f" | {_cell(summary['average'])} ({len(row)}/13) | {_cell(summary['average'])} | |"
     w = summary["settings"]["weights"]
     text = [f"# Results of `{w['path']}`",
             f"{time.strftime('%Y-%m-%d %H:%M')}; data {summary['settings']['suite']}; features "
-            f"{args.features}, normalisation {args.norm}, {args.size} px.", "\n".join(lines)]
-    foot = [*FOOTNOTES, *notes, *[s for s in sources]]
+            f"{args.features}, normalisation {args.norm}, {args.size} px.",
+            "\n".join(["| " + " | ".join(head) + " |", rule, ours, *published(PUBLISHED)]),
+            "The same columns in kaiko-ai's Midnight README (later runs, Midnight's own protocol):",
+            "\n".join(["| " + " | ".join(head) + " |", rule, *published(MIDNIGHT_README_ROWS)])]
+    foot = [*FOOTNOTES, *notes, *sources]
     text.append("\n".join(f"[{i}] {s}" for i, s in enumerate(foot, 1)))
     text.append(f"Not run: {', '.join(absent) or 'none'} (no data folder under the suite root); "
-                f"{', '.join(skipped) or 'none'} (left out by --tasks). Empty published cells: no value in the source.")
+                f"{', '.join(skipped) or 'none'} (left out by --tasks).")
     if summary.get("tsne") and summary["tsne"]["status"] == "ok":
         text.append(f"t-SNE of BACH's features: {summary['tsne']['results']['path']}")
     return "\n\n".join(text) + "\n"

@@ -31,10 +31,11 @@ from tqdm import tqdm
 
 import augment
 import data
-from cli import Parser, bounded, on_terminal, progress
+import export
+from cli import Parser, bounded, existing_path, on_terminal, progress
 import eval_probe
 import loss as L
-from model import ARCHS, DINOHead, ViT, autocast, checkpoint_problem, load_into, read_checkpoint
+from model import ARCHS, DINOHead, ViT, autocast, checkpoint_problem, infer_config, load_into, read_checkpoint
 from files import atomic_write, lock_folder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -83,6 +84,14 @@ def get_args_parser(add_help=True):
     g.add_argument("--keep-checkpoints", type=bounded(int, 0), default=2,
                    help="numbered checkpoints kept besides the latest (0-10)")
     g.add_argument("--export-every", type=bounded(int, 1), default=5000, help="steps between teacher exports")
+    g.add_argument("--results", type=existing_path, default=None,
+                   help="a suite's results.json (eval_suite.py) for the model card of --out/model (a rerun of a "
+                   "finished run rewrites its last export's card)")
+    g.add_argument("--safetensors", action="store_true",
+                   help="also write --out/model/model.safetensors (pip install safetensors)")
+    g.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log every metrics.jsonl record to Weights & Biases, in this project (pip install "
+                   "wandb); a resumed run continues the same W&B run")
     g.add_argument("--probe-data", default=None, help="a small labelled image folder: kNN probe of the teacher")
     g.add_argument("--probe-every", type=bounded(int, 0), default=0, help="steps between probes (0 = off)")
     g.add_argument("--probe-size", type=bounded(int, 14), default=224,
@@ -621,16 +630,58 @@ def save_or_stop(obj, path, size, step):
 
 
 def export_teacher(st, args):
-    """The teacher backbone in the DINOv2 hub layout (fp32), strict-loadable by model.py and DINOv2's own code."""
+    """The teacher backbone in the DINOv2 hub layout (fp32): teacher_backbone.pth and
+    exports/teacher_backbone_<step>.pth, strict-loadable by model.py and DINOv2's own code, each with timm's
+    config.json beside it (whose model_args tell model.read_checkpoint the number of heads); then model/, the
+    folder timm and the Hugging Face Hub load, with its model card (export.py), its weights a hard link."""
     backbone = st.teacher.backbone
     sd = {k: v.detach().float().cpu() for k, v in backbone.state_dict().items()}
+    config = json.dumps(export.timm_config(infer_config(sd, backbone.num_heads), args.norm), indent=1).encode()
     for folder, name in ((args.out, "teacher_backbone.pth"), (os.path.join(args.out, "exports"),
                                                             f"teacher_backbone_{st.step:07d}.pth")):
         os.makedirs(folder, exist_ok=True)
         save_or_stop(sd, os.path.join(folder, name), sum(v.numel() * 4 for v in sd.values()), st.step)
-        # the one number the tensors do not tell: model.read_checkpoint reads it from a config.json beside them
-        atomic_write(os.path.join(folder, "config.json"),
-                     lambda f: f.write(json.dumps({"num_attention_heads": backbone.num_heads}).encode()))
+        atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(config))
+    export_model(st, args, sd)
+
+
+def export_model(st, args, sd=None):
+    """--out/model: timm's layout with the model card (export.py), pytorch_model.bin a hard link to
+    teacher_backbone.pth when it holds the same tensors."""
+    results = None
+    if args.results:
+        with open(args.results) as f:
+            results = json.load(f)
+    same = sd is not None or st.step == args.steps  # a finished run's teacher is its last export
+    sd = sd or {k: v.detach().float().cpu() for k, v in st.teacher.backbone.state_dict().items()}
+    try:
+        export.write_model_folder(os.path.join(args.out, "model"), sd, infer_config(sd, st.teacher.backbone.num_heads),
+                                  args.norm, training_info(st, args), results, args.safetensors,
+                                  weights_file=os.path.join(args.out, "teacher_backbone.pth") if same else None)
+    except OSError as e:
+        raise SystemExit(f"step {st.step}: {e}\ntraining stopped; a rerun resumes from the newest checkpoint") from None
+
+
+NOT_RECIPE = ("preset", "out", "data", "init", "no_resume", "change_schedules", "log_every", "checkpoint_every",
+              "keep_checkpoints", "export_every", "probe_data", "probe_every", "probe_size", "results", "safetensors",
+              "wandb", "device", "dtype", "compile", "fused_adamw", "zero", "workers", "seed", "dist_timeout",
+              "recompute", "gpu_augment")  # where and how fast a run goes, not what it learns
+
+
+def training_info(st, args):
+    """What the model card tells of the run: its arguments, the recipe's settings that differ from OpenMidnight's
+    (the openmidnight preset, the released run's bugs fixed), and its data (the store's manifest)."""
+    om = vars(parse_args(["--preset", "openmidnight", "--data", "-", "--init", "-", "--device", "cpu"]))
+    mine = vars(args)
+    with open(os.path.join(args.data, "manifest.json")) as f:
+        manifest = json.load(f)
+    return {"name": os.path.basename(os.path.abspath(args.out)), "args": mine, "steps_done": st.step,
+            "world_size": st.world_size,
+            "deviations": [[k, mine[k], om[k]] for k in sorted(mine) if k not in NOT_RECIPE and mine[k] != om.get(k)],
+            "data": {"store": os.path.abspath(args.data), "slides": len(manifest["shards"]),
+                     "patches": manifest["n_patches"], "format": manifest.get("format"),
+                     "patch_size": manifest.get("patch_size"), "sampling": manifest.get("sampling"),
+                     "examples": [os.path.basename(s["slide"]) for s in manifest["shards"][:3]]}}
 
 
 # -----------------------------------------------------------------------------
@@ -725,7 +776,7 @@ class MetricsLog:
     run that then crashed) and a line cut short by a kill are dropped, so the file reads as one run; a fresh start
     empties it."""
 
-    def __init__(self, out, step):
+    def __init__(self, out, step, args):
         self.path = os.path.join(out, "metrics.jsonl")
         lines = []
         if step and os.path.exists(self.path):
@@ -734,10 +785,37 @@ class MetricsLog:
         atomic_write(self.path, lambda f: f.write("".join(lines).encode()))
         self.file = open(self.path, "a")
         self.t_last, self.data_time = time.time(), 0.0
+        self.wandb = start_wandb(args, resumed=step > 0) if args.wandb else None
 
     def write(self, record):
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.wandb:  # the same record; W&B keeps its own step axis
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self, failed=False):
+        self.file.close()
+        if self.wandb:
+            self.wandb.finish(exit_code=1 if failed else 0)
+
+
+def start_wandb(args, resumed):
+    """--wandb PROJECT: a W&B run with the resolved arguments as its config. Its id is kept in --out/wandb_id: a
+    resumed run continues the same W&B run (the steps it redoes after a crash are logged again), a fresh start
+    begins a new one. wandb is imported only here."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("--wandb needs the wandb package: pip install wandb (or leave --wandb out)") from None
+    path = os.path.join(args.out, "wandb_id")
+    run_id = None
+    if resumed and os.path.exists(path):
+        with open(path) as f:
+            run_id = f.read().strip()
+    run = wandb.init(project=args.wandb, id=run_id, resume="allow", config=vars(args), dir=args.out,
+                     name=os.path.basename(os.path.abspath(args.out)))
+    atomic_write(path, lambda f: f.write(run.id.encode()))
+    return run
 
 
 def reduce_metrics(out, wins, world):
@@ -808,25 +886,27 @@ def main(argv=None):
     check_paths(args)
     rank, world, local, device = setup_distributed(args)
     lock = lock_run_dir(args.out) if rank == 0 else None
+    log = None
     try:
-        run(args, rank, world, local, device)
+        # 2. the patch store (rank 0 may fail opening it while the others wait)
+        with collective_failures(rank, args, world):
+            store = open_store(args, rank == 0, world)
+        # 3. the student, the teacher and the optimizer, resumed from the newest readable checkpoint
+        st = build_state(args, device, rank, world, local)
+        resume(st, args, rank)
+        if rank == 0:
+            log = MetricsLog(args.out, st.step, args)  # metrics.jsonl, and W&B with --wandb
+            describe_run(args, world, len(store))
+        run(st, store, log, args, rank, world, device)
     finally:
+        if log:
+            log.close(failed=sys.exc_info()[0] is not None)
         if lock:
             lock.close()
 
 
-def run(args, rank, world, local, device):
-    # the patch store (rank 0 may fail opening it while the others wait)
-    master = rank == 0
-    with collective_failures(rank, args, world):
-        store = open_store(args, master, world)
-    aug_cfg = augment_config(args)
-    # 2. build the student, the teacher and the optimizer; 3. resume from the newest readable checkpoint
-    st = build_state(args, device, rank, world, local)
-    resume(st, args, rank)
-    log = MetricsLog(args.out, st.step) if master else None
-    if master:
-        describe_run(args, world, len(store))
+def run(st, store, log, args, rank, world, device):
+    master, aug_cfg, finished = rank == 0, augment_config(args), st.step == args.steps
     loader = data.make_loader(store, args.batch_size, aug_cfg, args.seed, rank, world, st.step * args.batch_size,
                               on_device=args.gpu_augment, workers=args.workers, pin_memory=args.device == "cuda",
                               mask_ratio=tuple(args.mask_ratio), mask_prob=args.mask_prob, patch_size=args.patch_size)
@@ -866,10 +946,13 @@ def run(args, rank, world, local, device):
             if stopping:
                 tqdm.write(f"signal {stop.received}: checkpoint written at step {st.step}; exiting")
                 break
-    # 5. finish: the demo ends with its probe, beside the same ViT before training
+    # 5. finish: the demo ends with its probe, beside the same ViT before training; a finished run given --results
+    # again puts them in its model card
     bar.close()
     if master and args.preset == "demo" and st.step == args.steps:
         run_probe(st.teacher.backbone, args, st.step, log, baseline=initial_backbone(args))
+    if master and finished and args.results:
+        export_model(st, args)
     if world > 1:
         dist.destroy_process_group()
 

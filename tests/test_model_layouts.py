@@ -252,6 +252,78 @@ def test_export_is_the_dinov2_hub_layout_and_loads_back_to_the_same_model(tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(tokens(back, x), tokens(m, x)))
 
 
+# -- the model folder timm loads (export.py) ---------------------------------------------------------------------
+# What timm reads, from its source (timm 1.0.16-1.0.31): config.json's top-level fields (_hub.py
+# load_model_config_from_path / _parse_model_cfg), PretrainedCfg's fields (_pretrained.py; an unknown one is a
+# TypeError), VisionTransformer's keyword arguments that model_args may set (vision_transformer.py), and its DINOv2
+# architectures: (width, depth, heads, FFN, registers); *_reg4_* ones also set no_embed_class.
+TIMM_CONFIG_KEYS = {"architecture", "num_classes", "label_names", "label_descriptions", "model_args", "pretrained_cfg"}
+TIMM_PRETRAINED_CFG = {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture", "tag",
+                       "custom_load", "input_size", "test_input_size", "min_input_size", "fixed_input_size",
+                       "interpolation", "crop_pct", "test_crop_pct", "crop_mode", "mean", "std", "num_classes",
+                       "label_offset", "label_names", "label_descriptions", "pool_size", "test_pool_size",
+                       "first_conv", "classifier", "license", "description", "origin_url", "paper_name", "paper_ids",
+                       "notes"}
+TIMM_VIT_ARGS = {"img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
+                 "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "class_token", "pos_embed", "no_embed_class",
+                 "reg_tokens", "pre_norm", "final_norm", "fc_norm", "dynamic_img_size", "dynamic_img_pad"}
+TIMM_DINOV2 = {f"vit_{size}_patch14{reg}_dinov2": (D, depth, heads, ffn, 4 if reg else 0)
+               for size, D, depth, heads, ffn in (("small", 384, 12, 6, "mlp"), ("base", 768, 12, 12, "mlp"),
+                                                  ("large", 1024, 24, 16, "mlp"), ("giant", 1536, 40, 24, "swiglu"))
+               for reg in ("", "_reg4")}
+
+
+def timm_convert_dinov2(sd):
+    """timm's _convert_dinov2, which its checkpoint_filter_fn applies when mask_token is present: mask_token
+    dropped; with registers, reg_token = register_tokens and the CLS row of pos_embed added to cls_token and cut
+    from pos_embed; mlp.w12 / mlp.w3 renamed fc1 / fc2."""
+    sd, out = dict(sd), {}
+    sd.pop("mask_token")
+    if "register_tokens" in sd:
+        out["reg_token"] = sd.pop("register_tokens")
+        out["cls_token"] = sd.pop("cls_token") + sd["pos_embed"][:, 0]
+        out["pos_embed"] = sd.pop("pos_embed")[:, 1:]
+    for k, v in sd.items():
+        out[k.replace("mlp.w12.", "mlp.fc1.").replace("mlp.w3.", "mlp.fc2.")] = v
+    return out
+
+
+@pytest.mark.parametrize("ffn,regs,patch", [("mlp", 4, 14), ("swiglu", 4, 14), ("mlp", 0, 14), ("swiglu", 0, 16)])
+def test_model_folder_is_what_timm_reads_and_converts_to_the_same_model(tmp_path, ffn, regs, patch):
+    import export
+    torch.manual_seed(0)
+    m = M.ViT(embed_dim=D, depth=DEPTH, num_heads=HEADS, patch_size=patch, img_size=GRID * patch,
+              num_register_tokens=regs, ffn=ffn, layerscale_init=0.5)
+    sd = m.state_dict()
+    export.write_model_folder(str(tmp_path), sd, M.infer_config(sd, HEADS), "half")
+    config = json.load(open(tmp_path / "config.json"))
+    assert set(config) <= TIMM_CONFIG_KEYS and set(config["pretrained_cfg"]) <= TIMM_PRETRAINED_CFG
+    assert set(config["model_args"]) <= TIMM_VIT_ARGS and config["num_classes"] == 0
+    width, _, _, arch_ffn, arch_regs = TIMM_DINOV2[config["architecture"]]
+    assert arch_ffn == ffn and bool(arch_regs) == bool(regs)  # the matching family: its FFN, registers or not
+    args = config["model_args"]
+    assert (args["embed_dim"], args["depth"], args["num_heads"], args["patch_size"], args.get("reg_tokens", 0)) == \
+        (D, DEPTH, HEADS, patch, regs) and args["img_size"] == GRID * patch  # built at the weights' own grid
+    fc1 = int(D * args["mlp_ratio"])  # timm's FFN width; SwiGLUPacked's fc1 holds [gate; value]
+    assert fc1 == sd["blocks.0.mlp." + ("w12" if ffn == "swiglu" else "fc1") + ".weight"].shape[0]
+    pre = config["pretrained_cfg"]
+    assert pre["input_size"] == [3, GRID * patch, GRID * patch] and pre["fixed_input_size"] and pre["num_classes"] == 0
+    assert (pre["mean"], pre["std"]) == ([0.5] * 3, [0.5] * 3)  # the run's normalisation ("half": Midnight's)
+    # the weights as timm's converter turns them: its model's names and shapes, and its forward gives our tokens
+    converted = timm_convert_dinov2(torch.load(tmp_path / "pytorch_model.bin", weights_only=True))
+    hidden = fc1 // 2 if ffn == "swiglu" else fc1
+    expected = timm_state(D, DEPTH, patch, GRID, regs, ffn, hidden, no_embed_class=bool(regs), new=meta)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    x = torch.randn(2, 3, GRID * patch, GRID * patch)
+    ref = reference_forward(converted, "timm", x, HEADS, patch, regs, ffn, no_embed_class=bool(regs))
+    for a, b in zip(tokens(m, x), ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    back = M.load_backbone(str(tmp_path))  # nanopath reads the folder too, heads from model_args
+    assert back.num_heads == HEADS and all(torch.equal(a, b) for a, b in zip(tokens(back, x), tokens(m, x)))
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: timm\n") and "## Intended use" in card and "## Load it" in card
+
+
 # -- files, folders, config.json ----------------------------------------------------------------------------------
 
 def test_snapshot_folders_take_the_heads_from_config_json(tmp_path):

@@ -359,3 +359,108 @@ def test_redirected_output_is_plain_lines_not_a_bar(small_store, tmp_path):
     assert [line.split(":")[0] for line in run.stdout.splitlines() if line.startswith("step ")] == \
         ["step 1/3", "step 2/3", "step 3/3"]
     assert "steps: 3/3 step in" in run.stderr  # the bar's single closing line
+
+
+def wandb_offline_run(run_dir):
+    """(run id, config, history rows) of an offline W&B run, read from its run-<id>.wandb file: a 7-byte header,
+    then 32 KiB blocks of chunks (crc 4 bytes, length 2, type 1: whole, 2: first, 3: middle, 4: last, 0: padding)
+    holding serialized wandb Record messages."""
+    import glob
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    data = open(path, "rb").read()
+    pos, pending, run_id, config, rows = 7, b"", None, {}, []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:
+            pos += left
+            continue
+        pending, pos = pending + data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            pending, which = b"", rec.WhichOneof("record_type")
+            if which == "run":
+                run_id = rec.run.run_id
+                config.update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+            elif which == "history":
+                rows.append({".".join(i.nested_key) or i.key: json.loads(i.value_json) for i in rec.history.item})
+    return run_id, config, rows
+
+
+def test_wandb_gets_the_metrics_records_and_a_resumed_run_continues_its_run(small_store, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    for k in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(k, str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from PIL import Image
+    for c, colour in (("a", (200, 60, 90)), ("b", (60, 90, 200))):  # a probe set for the in-training kNN
+        os.makedirs(tmp_path / "probe" / c)
+        for i in range(10):
+            Image.new("RGB", (30, 30), tuple(v + 3 * i for v in colour)).save(tmp_path / "probe" / c / f"{i}.png")
+    out = tmp_path / "run"
+    argv = ["--schedule-steps", 5, "--checkpoint-every", 3, "--wandb", "nanopath-test", "--probe-data",
+            tmp_path / "probe", "--probe-every", 3, "--probe-size", 56]
+    train.main(tiny_train_args(small_store, out, "--steps", 3, *argv))
+    wandb.teardown()  # offline files are complete once wandb's service has stopped
+    train.main(tiny_train_args(small_store, out, "--steps", 5, *argv))  # resumes at step 3
+    wandb.teardown()
+    run_id = (out / "wandb_id").read_text()
+    runs = sorted(glob_dirs(out / "wandb", f"offline-run-*-{run_id}*"))
+    assert len(runs) == 2  # two sittings of one W&B run
+    logged = []
+    for d in runs:
+        rid, config, rows = wandb_offline_run(d)
+        assert rid == run_id and config["batch_size"] == 4 and config["wandb"] == "nanopath-test"
+        logged += rows
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["_step"] for r in logged] == [1, 2, 3, 4, 5]
+    by_step = {}
+    for r in records:  # the metrics line and the probe line of one step are one W&B row
+        by_step.setdefault(r["step"], {}).update(r)
+    for row in logged:
+        mine = by_step[row["_step"]]
+        assert row["loss"] == pytest.approx(mine["loss"]) and row["lr"] == pytest.approx(mine["lr"])
+        assert ("probe.balanced_accuracy" in row) == ("probe" in mine)
+    assert logged[2]["probe.balanced_accuracy"] == pytest.approx(by_step[3]["probe"]["balanced_accuracy"])
+
+
+def glob_dirs(folder, pattern):
+    import glob
+    return [d for d in glob.glob(os.path.join(folder, pattern)) if os.path.isdir(d)]
+
+
+def test_a_run_writes_a_model_folder_with_its_card_and_export_py_adds_results(small_store, tmp_path):
+    import eval_suite
+    import export
+    run = tmp_path / "run"
+    train.main(tiny_train_args(small_store, run, "--steps", 3))
+    folder = run / "model"
+    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "pytorch_model.bin", "training.json"]
+    assert os.path.samefile(folder / "pytorch_model.bin", run / "teacher_backbone.pth")  # a hard link: no copy
+    assert json.load(open(run / "config.json")) == json.load(open(folder / "config.json"))  # timm's, everywhere
+    card = (folder / "README.md").read_text()
+    # the settings that differ from the openmidnight preset's, its data from the store's manifest, its arguments
+    om = train.parse_args(["--preset", "openmidnight", "--data", "-", "--init", "-", "--device", "cpu"])
+    assert f"| `--n-prototypes` | 256 | {om.n_prototypes} |" in card and "| `--kde-weight` |" not in card
+    assert f"| `--batch-size` | 4 | {om.batch_size} |" in card and "| `--out` |" not in card  # paths are not recipe
+    assert "40 patches of 1 slides" in card and "cmu_small_region.svs" in card and '"global_size": 56' in card
+    assert "3 of 3 steps, global batch 4, from tiny_backbone.pth" in card and "## Results" not in card
+    # a suite's results.json (its own structure) into the card, and model.safetensors
+    results = {"settings": {"columns": [t._asdict() for t in eval_suite.COLUMNS], "suite": "/data/bench",
+                            "quick": True}, "row": {"bach": 0.5, "mhist": 0.75}, "published": eval_suite.PUBLISHED}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    export.main([str(run), "--results", str(tmp_path / "results.json"), "--safetensors"])
+    card = (folder / "README.md").read_text()
+    assert "| this model |  | 0.500 |" in card and "| 0.625 (2/13) |" in card and "| OpenMidnight (the post) |" in card
+    a, b = M.load_backbone(str(folder / "model.safetensors")), M.load_backbone(str(folder / "pytorch_model.bin"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # an export written before this change (a config.json of the heads alone) still loads
+    (tmp_path / "old").mkdir()
+    torch.save(b.state_dict(), tmp_path / "old" / "teacher_backbone.pth")
+    (tmp_path / "old" / "config.json").write_text(json.dumps({"num_attention_heads": 2}))
+    assert M.load_backbone(str(tmp_path / "old" / "teacher_backbone.pth")).num_heads == 2
