@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -505,19 +504,34 @@ def quick_knn(backbone, folder, size=224, device="cpu", seed=0):
 # the command line
 
 
-def get_args(argv=None):
-    p = Parser(description=__doc__)
-    p.add_argument("--weights", required=True, nargs="+", type=weights_arg,
-                   help="checkpoint / export / hub file or model folder (local path); a second one only with --tsne "
-                   "(side by side)")
-    p.add_argument("--data", default=None, type=existing_path,
-                   help="dataset root (or CSV file for --dataset csv); not with --suite")
-    p.add_argument("--dataset", default="imagefolder", choices=sorted(LOADERS), help="layout of --data (README)")
+def add_feature_args(p, weights_nargs=None):
+    """The flags that say which features an evaluation reads: the weights and how images reach them. eval_probe.py
+    and eval_suite.py share them."""
+    p.add_argument("--weights", required=True, nargs=weights_nargs, type=weights_arg,
+                   help="checkpoint / export / hub file or model folder (local path)")
     p.add_argument("--arch", default=None, help="override the architecture inferred from the weights")
     p.add_argument("--features", default="cls", choices=FEATURES, help="cls+mean: Midnight's and Virchow2's 2D-dim")
     p.add_argument("--norm", default="imagenet", choices=sorted(NORMS),
                    help="input normalisation: imagenet; half = Midnight's 0.5/0.5; hoptimus = H-optimus-0's")
     p.add_argument("--size", type=bounded(int, 14), default=224, help="resize the shorter side, then centre-crop")
+    p.add_argument("--cache-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                                                       "feature_cache"),
+                   help="feature cache, keyed by the weights, the images and the feature settings")
+    p.add_argument("--batch-size", type=bounded(int, 1), default=64, help="images per forward pass")
+    p.add_argument("--workers", type=bounded(int, 0), default=min(4, os.cpu_count() or 1),
+                   help="image decoding processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device of the forward pass and the heads (cuda, cpu, cuda:1, ...)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the made splits and the heads' init")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an --out that holds the results of other weights or settings")
+
+
+def get_args(argv=None):
+    p = Parser(description=__doc__)
+    add_feature_args(p)
+    p.add_argument("--data", required=True, type=existing_path, help="dataset root (or CSV file for --dataset csv)")
+    p.add_argument("--dataset", default="imagefolder", choices=sorted(LOADERS), help="layout of --data (README)")
     p.add_argument("--knn", action="store_true", help="also DINO's weighted kNN (k=--k, T=0.07)")
     p.add_argument("--k", type=bounded(int, 1), default=20, help="neighbours of the kNN vote (DINO: 20)")
     p.add_argument("--few-shot", type=bounded(int, 0), default=0,
@@ -544,31 +558,7 @@ def get_args(argv=None):
     p.add_argument("--out", default=None,
                    help="results JSON (default runs/eval/<dataset>/<run>_<weights>_<methods>_<key>.json, the key "
                    "a hash of the weights file and every setting, so that no two evaluations share a file)")
-    p.add_argument("--force", action="store_true",
-                   help="overwrite an --out that holds the results of other weights or settings")
-    p.add_argument("--cache-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
-                                                       "feature_cache"),
-                   help="feature cache, keyed by the weights, the images and the feature settings")
-    p.add_argument("--batch-size", type=bounded(int, 1), default=64, help="images per forward pass")
-    p.add_argument("--workers", type=bounded(int, 0), default=min(4, os.cpu_count() or 1),
-                   help="image decoding processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device of the forward pass and the heads (cuda, cpu, cuda:1, ...)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the made splits and the heads' init")
-    p.add_argument("--suite", default=None, metavar="ROOT", help="the results table: every benchmark whose folder "
-                   "is under ROOT (eval_suite.py), one row beside the published ones; --out is then a folder")
-    p.add_argument("--tasks", nargs="+", default=None, help="with --suite: only these columns (eval_suite.COLUMNS)")
-    p.add_argument("--quick", action="store_true", help="with --suite: one seed per task, a fast look (row marked)")
-    p.add_argument("--tsne", default=None, metavar="OUT.png",
-                   help="t-SNE map of --data's features by class (two --weights: side by side); with --suite: "
-                        "where BACH's map goes (default OUT/tsne_bach.png)")
-    args = p.parse_args(argv)
-    if args.data is None and args.suite is None:
-        p.error("--data is required (or --suite ROOT for the results table)")
-    if len(args.weights) > 2 or (len(args.weights) == 2 and not (args.tsne and not args.suite)):
-        p.error("give one --weights (two only for a side-by-side --tsne without --suite)")
-    args.weights = args.weights[0] if len(args.weights) == 1 else args.weights
-    return args
+    return p.parse_args(argv)
 
 
 def check_splits(splits, classes, root, layout=None):
@@ -656,9 +646,6 @@ def load_splits(args):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.suite or args.tsne:  # the results table and the t-SNE map live in eval_suite.py
-        import eval_suite
-        return eval_suite.main(args)
     t0 = time.time()
     splits, classes, notes = load_splits(args)
     draws = []  # few-shot sets as positions in the train items, drawn from the labels before any image is read
@@ -752,4 +739,4 @@ def summarise(runs):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -1,8 +1,8 @@
 """
 OpenMidnight's results table in one command, and the t-SNE figure of its blog post.
 
-    python eval_probe.py --weights runs/om/teacher_backbone.pth --suite BENCH_ROOT --out results/om [--quick]
-    python eval_probe.py --weights dinov2_vitg14_reg4_pretrain.pth teacher.pth --data BACH --dataset bach --tsne m.png
+    python eval_suite.py --weights runs/om/teacher_backbone.pth --suite BENCH_ROOT --out results/om [--quick]
+    python eval_suite.py --weights dinov2_vitg14_reg4_pretrain.pth teacher.pth --data BACH --dataset bach --tsne m.png
 
 The table has 13 columns (COLUMNS): eva's patch probes, its PCam 10-shot protocol, two slide-level MIL tasks, two
 segmentation tasks and HEST, plus their average. BENCH_ROOT holds any subset of the benchmark datasets, unpacked,
@@ -25,7 +25,6 @@ import importlib
 import json
 import math
 import os
-import sys
 import time
 import traceback
 from collections import namedtuple
@@ -171,11 +170,6 @@ def present(args, task):
 def run_suite(args):
     if not os.path.isdir(args.suite):
         raise SystemExit(f"--suite {args.suite!r} is not a folder: give the root holding bach/, pcam/, ...")
-    unknown = sorted(set(args.tasks or []) - set(KEYS))
-    if unknown:
-        raise SystemExit(f"unknown --tasks {unknown}: choose from {KEYS}")
-    if not os.path.isfile(args.weights):
-        raise SystemExit(f"no checkpoint at {args.weights!r}: give a local weights file")
     out = args.out or "results_suite"
     weights = weights_signature(args.weights)
     previous = os.path.join(out, "results.json")
@@ -546,10 +540,37 @@ def make_demo_suite(root, probe=os.path.join(os.path.dirname(os.path.abspath(__f
     return root
 
 
-def main(args):
-    """eval_probe.main hands over here for --suite (the table) and --tsne (the map)."""
+def get_args(argv=None):
+    p = cli.Parser(description=__doc__)
+    eval_probe.add_feature_args(p, weights_nargs="+")
+    p.add_argument("--suite", default=None, type=cli.existing_path, metavar="ROOT",
+                   help="the results table: every benchmark whose folder is under ROOT, one row beside the "
+                   "published ones")
+    p.add_argument("--out", default=None, help="with --suite: the folder of results.md, results.json and tasks/ "
+                   "(default results_suite)")
+    p.add_argument("--tasks", nargs="+", default=None, choices=KEYS, metavar="TASK",
+                   help=f"with --suite: only these columns, of {', '.join(KEYS)}")
+    p.add_argument("--quick", action="store_true", help="with --suite: one seed per task, a fast look (row marked)")
+    p.add_argument("--tsne", default=None, metavar="OUT.png",
+                   help="the t-SNE map of --data's features by class (two --weights: side by side); with --suite: "
+                   "where BACH's map goes (default OUT/tsne_bach.png)")
+    p.add_argument("--data", default=None, type=cli.existing_path, help="with --tsne: the labelled images to map")
+    p.add_argument("--dataset", default="imagefolder", choices=sorted(eval_probe.LOADERS),
+                   help="with --tsne: the layout of --data")
+    args = p.parse_args(argv)
+    if not args.suite and not (args.tsne and args.data):
+        p.error("give --suite ROOT (the results table) or --tsne OUT.png --data ROOT (the t-SNE map)")
+    if len(args.weights) > 2 or (len(args.weights) == 2 and args.suite):
+        p.error("give one --weights (two only for a side-by-side --tsne without --suite)")
+    args.weights = args.weights[0] if len(args.weights) == 1 else args.weights
+    return args
+
+
+def main(argv=None):
+    """The table (--suite), or the t-SNE map (--tsne --data); a table with a failed task exits with status 1."""
+    args = get_args(argv)
     return run_suite(args) if args.suite else tsne_command(args)
 
 
 if __name__ == "__main__":
-    eval_probe.main(sys.argv[1:])
+    main()

@@ -78,7 +78,7 @@ def test_results_table_runs_present_tasks_resumes_and_reports_failures(weights, 
             "--workers", "0", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
             "--tasks", "pcam10", "bach", "bracs", "camelyon16", "consep"]
     with pytest.raises(SystemExit, match=r"^1 of 4 tasks failed \(consep\): their errors are in .*results.md"):
-        E.main(argv)  # the table is written, and the exit status says a task failed
+        S.main(argv)  # the table is written, and the exit status says a task failed
     summary = json.load(open(out / "results.json"))
     assert calls == ["pcam10", "bach", "camelyon16", "consep"]  # bracs/ is absent: skipped, not run
     status = {k: r["status"] for k, r in summary["tasks"].items()}
@@ -114,25 +114,27 @@ def test_results_table_runs_present_tasks_resumes_and_reports_failures(weights, 
 
     calls.clear()  # a rerun does only what failed
     with pytest.raises(SystemExit, match="1 of 4 tasks failed"):
-        E.main(argv)
+        S.main(argv)
     assert calls == ["consep"]
     calls.clear()  # new weights (a newer file) make the cached results stale
     st = os.stat(weights)
     os.utime(weights, (st.st_atime, st.st_mtime + 10))
-    again = E.main(argv[:-5] + ["camelyon16"])
+    again = S.main(argv[:-5] + ["camelyon16"])
     assert calls == ["camelyon16"] and again["tasks"]["bach"]["status"] == "skipped"  # stale, left out
 
 
-def test_unknown_task_and_extra_weights_are_refused(weights, tmp_path):
-    with pytest.raises(SystemExit, match="unknown --tasks"):
-        E.main(["--weights", weights, "--suite", str(tmp_path), "--tasks", "imagenet"])
+def test_unknown_task_and_extra_weights_are_refused(weights, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        S.main(["--weights", weights, "--suite", str(tmp_path), "--tasks", "imagenet"])
+    assert "invalid choice: 'imagenet' (choose from 'pcam10', 'bach', 'bracs'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # two checkpoints only make sense for a side-by-side t-SNE
-        E.main(["--weights", weights, weights, "--data", str(tmp_path)])
+        S.main(["--weights", weights, weights, "--suite", str(tmp_path)])
+    assert "two only for a side-by-side --tsne" in capsys.readouterr().err
 
 
 def test_every_column_argv_parses_with_its_script(weights, tmp_path):
     # the suite calls each script through the evaluation-script contract: its get_args must take what we pass
-    args = E.get_args(["--weights", weights, "--suite", str(tmp_path), "--norm", "half", "--device", "cpu"])
+    args = S.get_args(["--weights", weights, "--suite", str(tmp_path), "--norm", "half", "--device", "cpu"])
     for task in S.COLUMNS:
         script = pytest.importorskip(task.module)
         os.makedirs(tmp_path / task.folder, exist_ok=True)  # --data must exist
@@ -243,7 +245,7 @@ def test_tsne_command_draws_two_models_one_colour_per_class(weights, tmp_path):
     os.makedirs(tmp_path / "other")
     other = tiny_vit(tmp_path / "other" / "vit_tiny.pth", 1)
     png = tmp_path / "maps" / "tsne.png"
-    res = E.main(["--weights", weights, other, "--data", str(tmp_path / "data"), "--tsne", str(png),
+    res = S.main(["--weights", weights, other, "--data", str(tmp_path / "data"), "--tsne", str(png),
                   "--size", "56", "--workers", "0", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
     assert len(res["models"]) == 2 and len(res["coordinates"][1]) == 36
     img = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)
