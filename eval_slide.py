@@ -36,7 +36,7 @@ import eval_probe
 from cli import Parser, bounded, existing_path, progress
 from files import atomic_write
 from model import load_backbone, weights_arg
-from prepare_patches import list_slides
+from slides import list_slides
 from slide_reader import MIN_FOREGROUND, SATURATION, SEED, SlideReader
 
 DATASETS = {"camelyon16": dict(mpp=0.25, max_patches=1000), "panda": dict(mpp=0.5, max_patches=200),

@@ -23,7 +23,6 @@ A killed run re-run with the same command skips finished slides and ends with th
 thumbnails with the tissue mask and the sampled patches drawn on them. --num-shards parts write
 manifest-part*.json and report-part*.json; --merge combines them into manifest.json, report.json and the index.
 """
-import functools
 import glob
 import hashlib
 import io
@@ -41,10 +40,10 @@ from tqdm import tqdm
 import data
 from cli import Parser, bounded, progress
 from files import atomic_write
+from slides import list_slides, tissue_fraction, tissue_fraction_map
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_SLIDE = os.path.join(HERE, "assets", "cmu_small_region.svs")
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 THUMB_MAX = 1024  # longest side of the tissue-mask thumbnail
 DEMO_PROBE_PER_CLASS = 100  # the demo's probe set: 300 images, 60 of them held out
 WHOLE_LEVEL_MAX = 32e6  # a level of at most this many pixels (and an integer downsample) is read once, then cut
@@ -87,65 +86,13 @@ def get_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# slides in, tissue test
-
-
-def list_slides(path):
-    if os.path.isdir(path):
-        found = [f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                 if f.lower().endswith(SLIDE_EXTENSIONS) and os.path.isfile(f)]
-        return sorted(found)
-    if not os.path.exists(path):
-        raise SystemExit(f"input {path!r} does not exist: give a slide, a folder of slides or a text file of paths")
-    if path.lower().endswith(SLIDE_EXTENSIONS):
-        return [path]
-    with open(path, errors="replace") as f:  # a text file of slide paths, one per line
-        return [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+# one slide -> one shard
 
 
 def slide_key(path):
     # stable across runs and machines that see the same path string; unique for same-named slides
     stem = os.path.splitext(os.path.basename(path))[0]
     return f"{stem}-{hashlib.sha1(path.encode()).hexdigest()[:10]}"
-
-
-@functools.lru_cache(maxsize=8)
-def _hsv_tables(hsv_min):
-    """OpenCV's uint8 RGB -> HSV (its color_hsv code) divides through fixed-point tables with 12 fractional bits,
-    rounded half to even (np.rint, as cvRound). With v = max, d = max - min:
-        S = (d * sdiv[v] + 2^11) >> 12,   H = (n * hdiv[d] + 2^11) >> 12, plus 180 if negative,
-    n being the hue numerator of the max channel: g - b for R, b - r + 2d for G, r - g + 4d for B (-255..1275).
-    Returns d_min[v], the smallest d with S >= S_min, and hue_ok[(n + 255) * 256 + d], whether H >= H_min."""
-    h_min, s_min, _ = hsv_min
-    q = np.arange(256, dtype=np.float64)
-    sdiv = np.rint(np.divide(255 << 12, q, out=np.zeros(256), where=q > 0)).astype(np.int64)  # 0 for v = 0
-    hdiv = np.rint(np.divide(180 << 12, 6 * q, out=np.zeros(256), where=q > 0)).astype(np.int64)
-    S = (np.arange(256)[None, :] * sdiv[:, None] + 2048) >> 12  # [v, d]
-    d_min = np.where(S >= s_min, np.arange(256), 256).min(axis=1).astype(np.int16)  # S grows with d
-    H = (np.arange(-255, 5 * 255 + 1)[:, None] * hdiv[None, :] + 2048) >> 12  # [n + 255, d]
-    return d_min, (np.where(H < 0, H + 180, H) >= h_min).ravel()
-
-
-def tissue_fraction_map(rgb, hsv_min):
-    """Per-pixel tissue test of OpenMidnight (Virchow's rule) on OpenCV's uint8 HSV, bit for bit as
-    cv2.cvtColor(COLOR_RGB2HSV) + inRange (H = hue in degrees / 2, 0-180; S and V 0-255): H >= 90 (cyan through
-    magenta, where H&E stains lie), S >= 8, V >= 103 by default. Two table look-ups per pixel and no division:
-    this runs on every candidate patch."""
-    d_min, hue_ok = _hsv_tables(tuple(hsv_min))
-    rgb = np.asarray(rgb, dtype=np.uint8)
-    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
-    v = np.maximum(np.maximum(r, g), b)
-    d = v - np.minimum(np.minimum(r, g), b)
-    n = np.where(v == r, g - b, np.where(v == g, b - r + 2 * d, r - g + 4 * d))
-    return (v >= hsv_min[2]) & (d >= np.take(d_min, v)) & np.take(hue_ok, (n.astype(np.int32) + 255) * 256 + d)
-
-
-def tissue_fraction(rgb, hsv_min):
-    return float(tissue_fraction_map(rgb, hsv_min).mean())
-
-
-# -----------------------------------------------------------------------------
-# one slide -> one shard
 
 
 def plan_reads(slide, args):

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import eval_probe
-from prepare_patches import tissue_fraction_map
+from slides import tissue_fraction_map
 
 SEED = 42  # eva's sampler seed (eval_slide uses it as eva does: split seed and global seed too)
 MIN_FOREGROUND = 0.35  # ForegroundGridSampler's min_foreground_ratio

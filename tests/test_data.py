@@ -17,6 +17,7 @@ import torch
 
 import data
 import prepare_patches as P
+import slides
 from conftest import ROOT, SAMPLE_SLIDE
 
 TISSUE = (200, 100, 180)  # an eosin-pink: hue 312 deg (OpenCV H 156), S 127, V 200: passes the HSV rule
@@ -57,9 +58,9 @@ def test_tissue_test_equals_opencv_on_every_rgb_value(rgb_cube, hsv_min):
     cv2 = pytest.importorskip("cv2")
     hsv = cv2.cvtColor(rgb_cube, cv2.COLOR_RGB2HSV)
     ref = cv2.inRange(hsv, np.array(hsv_min, dtype=np.uint8), np.array((180, 255, 255), dtype=np.uint8)) > 0
-    assert np.array_equal(P.tissue_fraction_map(rgb_cube, hsv_min), ref)
-    assert P.tissue_fraction(np.full((4, 4, 3), 240, np.uint8), (90, 8, 103)) == 0.0  # white background
-    assert P.tissue_fraction(np.tile(np.uint8(TISSUE), (4, 4, 1)), (90, 8, 103)) == 1.0
+    assert np.array_equal(slides.tissue_fraction_map(rgb_cube, hsv_min), ref)
+    assert slides.tissue_fraction(np.full((4, 4, 3), 240, np.uint8), (90, 8, 103)) == 0.0  # white background
+    assert slides.tissue_fraction(np.tile(np.uint8(TISSUE), (4, 4, 1)), (90, 8, 103)) == 1.0
 
 
 # -- stores from real and synthetic slides ------------------------------------------------------------------------
@@ -75,7 +76,7 @@ def test_sample_slide_patches_equal_read_region_and_are_tissue(tmp_path):
         assert 0 <= meta["x"] <= 2220 - 224 and 0 <= meta["y"] <= 2967 - 224
         ref = np.asarray(slide.read_region((meta["x"], meta["y"]), 0, (224, 224)).convert("RGB"))
         assert patch.shape == (224, 224, 3) and patch.dtype == np.uint8 and np.array_equal(patch, ref)
-        assert P.tissue_fraction(patch, (90, 8, 103)) > 0.6
+        assert slides.tissue_fraction(patch, (90, 8, 103)) > 0.6
     # the default JPEG store: the same positions (same seed), pixels within JPEG error
     run_prepare(SAMPLE_SLIDE, "--out", tmp_path / "jpg", "--patches-per-level", 25)
     jpg = data.PatchStore(str(tmp_path / "jpg"))
