@@ -191,6 +191,19 @@ class PatchStore:
         self.__init__(state["root"], check_shards=False)
 
 
+def open_store(root, master=True, world=1):
+    """A finished store, opened by rank 0 first (which builds its index if the store was written before
+    index.npy existed) while the other ranks wait for it, then map the same index.npy."""
+    store = PatchStore(root) if master else None
+    if world > 1:
+        torch.distributed.barrier()
+    store = store if store is not None else PatchStore(root, check_shards=False)
+    if len(store) == 0:
+        raise SystemExit(f"the patch store {root} holds no patches (see its report.json for why every slide was "
+                         "skipped)")
+    return store
+
+
 def sample_generator(seed, epoch, index):
     """The one source of randomness for a sample's crops: a function of (seed, epoch, store index) only, so the
     stream is the same on resume and for any split of the global batch over ranks and workers."""

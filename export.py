@@ -69,6 +69,28 @@ def results_table(results):
     return "\n".join(lines) + f"\n\nFrom {results['settings']['suite']}{quick}; averages over the columns shown.\n"
 
 
+NOT_RECIPE = ("preset", "out", "data", "init", "no_resume", "change_schedules", "log_every", "checkpoint_every",
+              "keep_checkpoints", "export_every", "probe_data", "probe_every", "probe_size", "results", "safetensors",
+              "wandb", "device", "dtype", "compile", "fused_adamw", "zero", "workers", "seed", "dist_timeout",
+              "recompute", "gpu_augment")  # where and how fast a run goes, not what it learns
+
+
+def training_info(args, step, world_size, reference):
+    """What the model card tells of a train.py run: its arguments, the recipe's settings that differ from
+    `reference` (the openmidnight preset's arguments: OpenMidnight's run, its bugs fixed), and its data (the
+    store's manifest)."""
+    mine, om = vars(args), reference
+    with open(os.path.join(args.data, "manifest.json")) as f:
+        manifest = json.load(f)
+    return {"name": os.path.basename(os.path.abspath(args.out)), "args": mine, "steps_done": step,
+            "world_size": world_size,
+            "deviations": [[k, mine[k], om[k]] for k in sorted(mine) if k not in NOT_RECIPE and mine[k] != om.get(k)],
+            "data": {"store": os.path.abspath(args.data), "slides": len(manifest["shards"]),
+                     "patches": manifest["n_patches"], "format": manifest.get("format"),
+                     "patch_size": manifest.get("patch_size"), "sampling": manifest.get("sampling"),
+                     "examples": [os.path.basename(s["slide"]) for s in manifest["shards"][:3]]}}
+
+
 def model_card(cfg, norm, n_params, training=None, results=None, source=None):
     """README.md: what the model is, how to load it, its recipe and how it departs from OpenMidnight's, its
     training data, the run's arguments, its intended use and, given a suite's results.json, its results."""

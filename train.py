@@ -10,14 +10,8 @@ regulariser and HED colour jitter, continued from Meta's DINOv2 weights, on a pa
 Re-running the same command with the same --out resumes from its newest readable checkpoint. Every number of the
 recipe, with its source: RECIPE.md (hyper-parameters §8, losses §4, augmentation §6).
 """
-import argparse
-import contextlib
-import datetime
-import glob
-import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,12 +25,12 @@ from tqdm import tqdm
 
 import augment
 import data
-import export
-from cli import Parser, bounded, existing_path, on_terminal, progress
 import eval_probe
+import export
 import loss as L
-from model import ARCHS, DINOHead, ViT, autocast, checkpoint_problem, infer_config, load_into, read_checkpoint
-from files import atomic_write, lock_folder
+import rundir
+from cli import Parser, bounded, progress
+from model import ARCHS, DINOHead, ViT, autocast, checkpoint_problem, load_into, read_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if not {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(os.environ):  # read at the first CUDA allocation
@@ -68,34 +62,16 @@ def get_args_parser(add_help=True):
     p = Parser(description=__doc__, add_help=add_help)
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
                    help="a set of defaults (flags still win); --help shows the given preset's")
-    g = p.add_argument_group("I/O")
-    g.add_argument("--out", default=None, help="run directory (default runs/<preset>); one training job at a time")
+    g = p.add_argument_group("inputs")
     g.add_argument("--data", default=None, help="finished patch store from prepare_patches.py (the demo, given "
                    "none, prepares one from the bundled slide)")
     g.add_argument("--init", default=None, help="local checkpoint to start from, e.g. dinov2_vitg14_reg4_pretrain.pth "
                    "(any layout model.load_backbone reads); none = random init")
-    g.add_argument("--no-resume", action="store_true", help="start over even if --out holds checkpoints")
-    g.add_argument("--change-schedules", action="store_true",
-                   help="resume although the schedules' flags differ from the checkpoint's (otherwise refused: a "
-                   "longer --steps also stretches the schedules unless --schedule-steps keeps them)")
-    g.add_argument("--log-every", type=bounded(int, 1), default=20, help="steps between metrics.jsonl lines")
-    g.add_argument("--checkpoint-every", type=bounded(int, 1), default=1000,
-                   help="steps between resumable checkpoints (ViT-g: ~20 GB each; SIGTERM also writes one)")
-    g.add_argument("--keep-checkpoints", type=bounded(int, 0), default=2,
-                   help="numbered checkpoints kept besides the latest (0-10)")
-    g.add_argument("--export-every", type=bounded(int, 1), default=5000, help="steps between teacher exports")
-    g.add_argument("--results", type=existing_path, default=None,
-                   help="a suite's results.json (eval_suite.py) for the model card of --out/model (a rerun of a "
-                   "finished run rewrites its last export's card)")
-    g.add_argument("--safetensors", action="store_true",
-                   help="also write --out/model/model.safetensors (pip install safetensors)")
-    g.add_argument("--wandb", default=None, metavar="PROJECT",
-                   help="also log every metrics.jsonl record to Weights & Biases, in this project (pip install "
-                   "wandb); a resumed run continues the same W&B run")
     g.add_argument("--probe-data", default=None, help="a small labelled image folder: kNN probe of the teacher")
     g.add_argument("--probe-every", type=bounded(int, 0), default=0, help="steps between probes (0 = off)")
     g.add_argument("--probe-size", type=bounded(int, 14), default=224,
                    help="image size of the probe (224 = eval_probe's, whatever the training crop size)")
+    rundir.add_args(p)
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_small", choices=sorted(ARCHS),
                    help="DINOv2's sizes (with --init, the checkpoint's size, whatever it is, unless set)")
@@ -184,10 +160,6 @@ def get_args_parser(add_help=True):
     g.add_argument("--workers", type=bounded(int, 0), default=8,
                    help="loader workers per process; raise it if data_time_frac in the log stays above ~0.05")
     g.add_argument("--seed", type=bounded(int, 0), default=0, help="seeds the init, the data order and the crops")
-    g.add_argument("--dist-timeout", type=bounded(float, 1.0), default=3600.0,
-                   help="seconds a rank waits at a collective before the job stops with a message; it must cover the "
-                   "longest work rank 0 does alone: a ViT-g checkpoint (~20 GB) or export on slow shared storage, "
-                   "a probe (NCCL's own default, 600 s, can kill a healthy job)")
     g = p.add_argument_group("reproduce the released run's quirks (RECIPE.md §11); the defaults fix them")
     g.add_argument("--random-pos-embed", action="store_true",
                    help="do not load the pretrained pos-embed (OpenMidnight@blog: a random 16x16 init)")
@@ -486,336 +458,25 @@ def train_step(st, batch, args):
 
 
 # -----------------------------------------------------------------------------
-# the run directory: one job at a time, crash-safe checkpoints, exports
-
-
-def lock_run_dir(out):
-    """An exclusive lock on --out until the process exits: a second job on the same directory would interleave
-    metrics.jsonl and rotate the first one's checkpoints."""
-    lock = lock_folder(out, what="another training process")
-    for tmp in glob.glob(os.path.join(out, ".*.tmp*")) + glob.glob(os.path.join(out, "exports", ".*.tmp*")):
-        os.remove(tmp)  # a killed run's half-written files: never read; ours now that we hold the lock
-    return lock
-
-
-def checkpoint_files(out):
-    """Resumable checkpoints of a run, newest first: checkpoint-<step>.pt by step (checkpoint.pt, the latest, is a
-    link to the newest of them), then checkpoint.pt itself, for a run whose numbered files are gone."""
-    numbered = sorted(glob.glob(os.path.join(out, "checkpoint-*.pt")), reverse=True)  # zero-padded steps
-    latest = os.path.join(out, "checkpoint.pt")
-    return numbered + ([latest] if os.path.exists(latest) else [])
-
-
-def rng_states(world):
-    """Every rank's random generators (drop path draws differ per rank), gathered on every rank."""
-    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    states = [state] * world
-    if world > 1:
-        dist.all_gather_object(states, state)
-    return states
-
-
-def save_checkpoint(st, args, rng):
-    """checkpoint-<step>.pt is written atomically and read back, then checkpoint.pt becomes a hard link to it (an
-    atomic rename; no copy), and only then are numbered checkpoints beyond --keep-checkpoints removed. At every
-    moment a complete checkpoint is on disk; a failed write (a full disk) leaves the previous ones untouched."""
-    ckpt = {"student": st.student.state_dict(), "teacher": st.teacher.state_dict(),
-            "optimizer": st.opt.state_dict(), "centers": st.centers, "step": st.step, "skipped_steps": st.skipped,
-            "args": vars(args), "rng": rng, "world_size": st.world_size}
-    size = 16 * sum(p.numel() for p in st.student.parameters())  # fp32 student, 2 AdamW moments, teacher
-    path = os.path.join(args.out, f"checkpoint-{st.step:07d}.pt")
-    save_or_stop(ckpt, path, size, st.step)
-    if torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"] != st.step:  # known good first
-        raise SystemExit(f"{path} does not read back as step {st.step}: check the filesystem; earlier checkpoints "
-                         "are kept")
-    link_latest(path, args)
-
-
-def link_latest(path, args):
-    """checkpoint.pt becomes a hard link to the numbered checkpoint `path` (an atomic rename; no copy), then older
-    numbered checkpoints beyond --keep-checkpoints are removed. Also run on resume: a kill between a checkpoint and
-    its link would otherwise leave checkpoint.pt on an older step."""
-    latest = os.path.join(args.out, "checkpoint.pt")
-    if not (os.path.exists(latest) and os.path.samefile(path, latest)):
-        link = os.path.join(args.out, ".checkpoint.pt.link")
-        if os.path.exists(link):
-            os.remove(link)
-        try:
-            os.link(path, link)
-        except OSError:  # a filesystem without hard links: a copy
-            atomic_write(link, lambda f: f.write(open(path, "rb").read()), size_hint=os.path.getsize(path))
-        os.replace(link, latest)
-    older = sorted(f for f in glob.glob(os.path.join(args.out, "checkpoint-*.pt")) if os.path.basename(f) <
-                   os.path.basename(path))  # zero-padded steps; a newer (unreadable) one is never touched
-    for old in older[:len(older) - args.keep_checkpoints]:
-        os.remove(old)
-
-
-SCHEDULE_FLAGS = ("base_lr", "min_lr", "warmup_steps", "schedule_steps", "weight_decay", "weight_decay_end",
-                  "momentum_teacher", "warmup_teacher_temp", "teacher_temp", "teacher_temp_warmup_steps",
-                  "freeze_last_layer_steps")  # and the global batch, through the lr's square-root scaling
-
-
-def check_schedules(ckpt, args, world, path):
-    """A resume must not move the schedules silently: `--steps 30` after a 20-step run stretches schedule_steps
-    (it follows --steps unless given) and so jumps the lr, weight decay and teacher momentum. Refused unless
-    --change-schedules, saying which flags changed and what moves at the resumed step."""
-    theirs = ckpt["args"]
-    changed = [f"--{k.replace('_', '-')} {theirs[k]} -> {getattr(args, k)}" for k in SCHEDULE_FLAGS
-               if k in theirs and theirs[k] != getattr(args, k)]
-    their_world = ckpt.get("world_size", world)
-    if theirs["batch_size"] * their_world != args.batch_size * world:
-        changed.append(f"global batch {theirs['batch_size'] * their_world} -> {args.batch_size * world} "
-                       "(the lr scales with its square root)")
-    if not changed or args.change_schedules:
-        return
-    old = argparse.Namespace(**{**vars(args), **{k: theirs[k] for k in SCHEDULE_FLAGS if k in theirs}})
-    a, b = schedules(ckpt["step"], old, their_world), schedules(ckpt["step"], args, world)
-    moves = ", ".join(f"{k} {a[k]:.3g} -> {b[k]:.3g}" for k in a if not math.isclose(a[k], b[k], rel_tol=1e-9))
-    keep = f" --schedule-steps {theirs['schedule_steps']}" if "schedule_steps" in theirs else ""
-    raise SystemExit(f"resuming {path} at step {ckpt['step']} would change its schedules: {'; '.join(changed)} (at "
-                     f"that step: {moves or 'nothing moves yet'}). To lengthen the run on the same schedules, give "
-                     f"its flags again{keep and ', e.g.' + keep} (past its end the lr stays at --min-lr); to change "
-                     "them on purpose, add --change-schedules")
-
-
-def resume(st, args, rank):
-    """Load the newest readable checkpoint of --out into st. An unreadable one (truncated, corrupt) is reported
-    and skipped, never deleted; if checkpoints exist but none loads, the run stops instead of starting over (which
-    would overwrite them): --no-resume starts over deliberately."""
-    if args.no_resume:
-        return
-    unreadable = []
-    for path in checkpoint_files(args.out):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # 8 ranks share the page cache
-        except Exception as e:
-            unreadable.append(f"{path} ({type(e).__name__}: {str(e)[:120]})")
-            continue
-        check_schedules(ckpt, args, st.world_size, path)
-        try:
-            st.student.load_state_dict(ckpt["student"])
-            st.teacher.load_state_dict(ckpt["teacher"])
-            st.opt.load_state_dict(ckpt["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise SystemExit(f"{path} does not fit this run's model or optimizer (written with other flags?): "
-                             f"{str(e)[:300]}\nrun with the flags of {os.path.join(args.out, 'args.json')}, "
-                             "another --out, or --no-resume") from None
-        st.centers = {k: v.to(st.centers[k].device) for k, v in ckpt["centers"].items()}
-        st.step, st.skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
-        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # per rank (one dict: older runs)
-        rng = rngs[rank] if rank < len(rngs) else rngs[0]  # another number of ranks: their streams differ anyway
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        if rank == 0:
-            for bad in unreadable:
-                print(f"skipped unreadable checkpoint {bad}")
-            print(f"resumed from {path} at step {st.step}")
-            if os.path.basename(path) != "checkpoint.pt":
-                link_latest(path, args)
-        return
-    if unreadable:
-        raise SystemExit("no readable checkpoint in " + args.out + ":\n  " + "\n  ".join(unreadable) +
-                         "\nthey are kept; --no-resume starts over from step 0 (and will replace them)")
-
-
-def save_or_stop(obj, path, size, step):
-    """torch.save through the atomic write; a failure (a full disk) stops the run with its cause, earlier files
-    untouched, rather than training on without a way back."""
-    try:
-        atomic_write(path, lambda f: torch.save(obj, f), size_hint=size)
-    except OSError as e:
-        raise SystemExit(f"step {step}: {e}\ntraining stopped; a rerun resumes from the newest checkpoint") from None
-
-
-def export_teacher(st, args):
-    """The teacher backbone in the DINOv2 hub layout (fp32): teacher_backbone.pth and
-    exports/teacher_backbone_<step>.pth, strict-loadable by model.py and DINOv2's own code, each with timm's
-    config.json beside it (whose model_args tell model.read_checkpoint the number of heads); then model/, the
-    folder timm and the Hugging Face Hub load, with its model card (export.py), its weights a hard link."""
-    backbone = st.teacher.backbone
-    sd = {k: v.detach().float().cpu() for k, v in backbone.state_dict().items()}
-    config = json.dumps(export.timm_config(infer_config(sd, backbone.num_heads), args.norm), indent=1).encode()
-    for folder, name in ((args.out, "teacher_backbone.pth"), (os.path.join(args.out, "exports"),
-                                                            f"teacher_backbone_{st.step:07d}.pth")):
-        os.makedirs(folder, exist_ok=True)
-        save_or_stop(sd, os.path.join(folder, name), sum(v.numel() * 4 for v in sd.values()), st.step)
-        atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(config))
-    export_model(st, args, sd)
-
-
-def export_model(st, args, sd=None):
-    """--out/model: timm's layout with the model card (export.py), pytorch_model.bin a hard link to
-    teacher_backbone.pth when it holds the same tensors."""
-    results = None
-    if args.results:
-        with open(args.results) as f:
-            results = json.load(f)
-    same = sd is not None or st.step == args.steps  # a finished run's teacher is its last export
-    sd = sd or {k: v.detach().float().cpu() for k, v in st.teacher.backbone.state_dict().items()}
-    try:
-        export.write_model_folder(os.path.join(args.out, "model"), sd, infer_config(sd, st.teacher.backbone.num_heads),
-                                  args.norm, training_info(st, args), results, args.safetensors,
-                                  weights_file=os.path.join(args.out, "teacher_backbone.pth") if same else None)
-    except OSError as e:
-        raise SystemExit(f"step {st.step}: {e}\ntraining stopped; a rerun resumes from the newest checkpoint") from None
-
-
-NOT_RECIPE = ("preset", "out", "data", "init", "no_resume", "change_schedules", "log_every", "checkpoint_every",
-              "keep_checkpoints", "export_every", "probe_data", "probe_every", "probe_size", "results", "safetensors",
-              "wandb", "device", "dtype", "compile", "fused_adamw", "zero", "workers", "seed", "dist_timeout",
-              "recompute", "gpu_augment")  # where and how fast a run goes, not what it learns
-
-
-def training_info(st, args):
-    """What the model card tells of the run: its arguments, the recipe's settings that differ from OpenMidnight's
-    (the openmidnight preset, the released run's bugs fixed), and its data (the store's manifest)."""
-    om = vars(parse_args(["--preset", "openmidnight", "--data", "-", "--init", "-", "--device", "cpu"]))
-    mine = vars(args)
-    with open(os.path.join(args.data, "manifest.json")) as f:
-        manifest = json.load(f)
-    return {"name": os.path.basename(os.path.abspath(args.out)), "args": mine, "steps_done": st.step,
-            "world_size": st.world_size,
-            "deviations": [[k, mine[k], om[k]] for k in sorted(mine) if k not in NOT_RECIPE and mine[k] != om.get(k)],
-            "data": {"store": os.path.abspath(args.data), "slides": len(manifest["shards"]),
-                     "patches": manifest["n_patches"], "format": manifest.get("format"),
-                     "patch_size": manifest.get("patch_size"), "sampling": manifest.get("sampling"),
-                     "examples": [os.path.basename(s["slide"]) for s in manifest["shards"][:3]]}}
-
-
-# -----------------------------------------------------------------------------
 # the run's stages
 
 
-def setup_distributed(args):
-    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is one process."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0, torch.device(args.device)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    timeout = datetime.timedelta(seconds=args.dist_timeout)
-    # torchrun --max-restarts keeps one key-value store for all its attempts: a restarted group could read the dead
-    # attempt's addresses and fail or hang while connecting (seen with gloo), so each attempt gets its own keys
-    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # hosted by torchrun, else by rank 0
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=rank == 0 and not shared, timeout=timeout)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=timeout, rank=rank,
-                            world_size=world, store=dist.PrefixStore(f"nanopath/attempt{attempt}", store))
-    if args.device == "cuda":
-        torch.cuda.set_device(local)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return rank, world, local, torch.device(args.device, local) if args.device == "cuda" else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def collective_failures(rank, args, world):
-    """Under torchrun, a collective that fails ends this rank with one line that says why and what to do, not a
-    C++ traceback: it waited past --dist-timeout (the others were busy: rank 0 writes checkpoints and exports and
-    runs probes alone), or another rank died. (NCCL's watchdog may abort the process itself at the timeout.)"""
-    try:
-        yield
-    except RuntimeError as e:  # gloo's and NCCL's errors, torch.distributed.DistError among them
-        text = str(e)
-        timed_out = "timed out" in text.lower()
-        if world == 1 or not (timed_out or "closed by peer" in text or "reset by peer" in text or
-                              isinstance(e, dist.DistError)):
-            raise
-        resume = "rerunning the same command (or torchrun --max-restarts) resumes from the newest checkpoint"
-        why = (f"waited more than --dist-timeout {args.dist_timeout:g} s at a collective: another rank was busy "
-               "(rank 0 writes checkpoints and exports and runs probes alone; on slow storage raise --dist-timeout "
-               "or put --out on faster storage) or is gone" if timed_out else
-               "another rank stopped during a collective (its own message says why)")
-        raise SystemExit(f"rank {rank}: {why}; {resume} [{text.splitlines()[0][:200]}]") from None
-
-
 def open_store(args, master, world):
-    """The patch store, opened by rank 0 first (which builds its index if it was written before index.npy existed).
-    With no --data, the demo makes its own from the bundled slide (prepare_patches.py --demo: a store and a
-    labelled probe set); any --data given must be a finished store."""
+    """The patch store (data.open_store). With no --data, the demo makes its own from the bundled slide
+    (prepare_patches.py --demo: a store and a labelled probe set); any --data given must be a finished store."""
     if args.data is None:
         args.data = os.path.join(HERE, "data", "sample_store")
         args.probe_data = args.probe_data or os.path.join(HERE, "data", "sample_probe")
         if master and not os.path.exists(os.path.join(args.probe_data, "DONE")):
             subprocess.run([sys.executable, os.path.join(HERE, "prepare_patches.py"), "--demo", "--out", args.data,
                             "--probe-out", args.probe_data], check=True)
-    store = data.PatchStore(args.data) if master else None  # builds the store's index if it has none yet
-    if world > 1:
-        dist.barrier()  # the other ranks wait for it (--dist-timeout), then map the same index.npy
-    if store is None:
-        store = data.PatchStore(args.data, check_shards=False)
-    if len(store) == 0:
-        raise SystemExit(f"the patch store {args.data} holds no patches (see its report.json for why every slide "
-                         "was skipped)")
-    return store
+    return data.open_store(args.data, master, world)
 
 
 def augment_config(args):
     return replace(augment.AugmentConfig(), global_size=args.global_size, local_size=args.local_size,
                    n_local_crops=args.n_local_crops, hed_prob=args.hed_prob, hed_range=args.hed_range,
                    mean=augment.NORMS[args.norm][0], std=augment.NORMS[args.norm][1])
-
-
-def describe_run(args, world, n_patches):
-    global_batch = args.batch_size * world
-    scaled = args.base_lr * math.sqrt(global_batch / 1024)
-    end = min(args.warmup_steps, args.steps - 1)  # the warmup's top, or the run's last step if it comes first
-    peak = max(schedules(s, args, world)["lr"] for s in {max(end - 1, 0), end})
-    never = "" if math.isclose(peak, scaled) else f"; the warmup of {args.warmup_steps} steps outlasts the run"
-    print(json.dumps(vars(args), indent=1, sort_keys=True))
-    print(f"world {world} x batch {args.batch_size} = global batch {global_batch}; {args.steps} steps = "
-          f"{args.steps * global_batch:,} images = {args.steps * global_batch / n_patches:.2f} passes over "
-          f"{n_patches:,} patches; lr peaks at {peak:.3e} (base {args.base_lr} x sqrt({global_batch}/1024) = "
-          f"{scaled:.3e}{never}); schedules over {args.schedule_steps} steps; "
-          f"autocast {args.dtype}; colour ops on {'device' if args.gpu_augment else 'loader workers'}")
-    atomic_write(os.path.join(args.out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step. On resume, lines past the checkpoint's step (written by a
-    run that then crashed) and a line cut short by a kill are dropped, so the file reads as one run; a fresh start
-    empties it."""
-
-    def __init__(self, out, step, args):
-        self.path = os.path.join(out, "metrics.jsonl")
-        lines = []
-        if step and os.path.exists(self.path):
-            with open(self.path) as f:
-                lines = [ln for ln in f if ln.endswith("\n") and json.loads(ln).get("step", 0) <= step]
-        atomic_write(self.path, lambda f: f.write("".join(lines).encode()))
-        self.file = open(self.path, "a")
-        self.t_last, self.data_time = time.time(), 0.0
-        self.wandb = start_wandb(args, resumed=step > 0) if args.wandb else None
-
-    def write(self, record):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.wandb:  # the same record; W&B keeps its own step axis
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-
-    def close(self, failed=False):
-        self.file.close()
-        if self.wandb:
-            self.wandb.finish(exit_code=1 if failed else 0)
-
-
-def start_wandb(args, resumed):
-    """--wandb PROJECT: a W&B run with the resolved arguments as its config. Its id is kept in --out/wandb_id: a
-    resumed run continues the same W&B run (the steps it redoes after a crash are logged again), a fresh start
-    begins a new one. wandb is imported only here."""
-    try:
-        import wandb
-    except ImportError:
-        raise SystemExit("--wandb needs the wandb package: pip install wandb (or leave --wandb out)") from None
-    path = os.path.join(args.out, "wandb_id")
-    run_id = None
-    if resumed and os.path.exists(path):
-        with open(path) as f:
-            run_id = f.read().strip()
-    run = wandb.init(project=args.wandb, id=run_id, resume="allow", config=vars(args), dir=args.out,
-                     name=os.path.basename(os.path.abspath(args.out)))
-    atomic_write(path, lambda f: f.write(run.id.encode()))
-    return run
 
 
 def reduce_metrics(out, wins, world):
@@ -833,31 +494,10 @@ def reduce_metrics(out, wins, world):
             "prototype_entropy": float(-(p * p.log()).sum())}
 
 
-class StopSignals:
-    """SIGTERM / SIGUSR1 (cluster pre-emption) ask for a checkpoint and a clean exit; the previous handlers come
-    back when the run ends."""
-
-    def __enter__(self):
-        self.received = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        return self
-
-    def handle(self, signum, frame):
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def agreed(self, step, args, world, device):
-        """Any rank's signal stops every rank at the same step: agreed at log steps (a device sync) under DDP."""
-        if world == 1:
-            return self.received is not None
-        if step % args.log_every:
-            return False
-        flag = torch.tensor(float(self.received is not None), device=device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
+def card_info(st, args):
+    """What the model card tells of the run (export.training_info), against the openmidnight preset's recipe."""
+    om = parse_args(["--preset", "openmidnight", "--data", "-", "--init", "-", "--device", "cpu"])
+    return export.training_info(args, st.step, st.world_size, vars(om))
 
 
 def initial_backbone(args):
@@ -884,19 +524,19 @@ def main(argv=None):
     # 1. set up: processes and devices, the run directory (locked: one job at a time, released however it ends)
     args = parse_args(argv)
     check_paths(args)
-    rank, world, local, device = setup_distributed(args)
-    lock = lock_run_dir(args.out) if rank == 0 else None
+    rank, world, local, device = rundir.setup_distributed(args)
+    lock = rundir.lock_run_dir(args.out) if rank == 0 else None
     log = None
     try:
         # 2. the patch store (rank 0 may fail opening it while the others wait)
-        with collective_failures(rank, args, world):
+        with rundir.collective_failures(rank, args, world):
             store = open_store(args, rank == 0, world)
         # 3. the student, the teacher and the optimizer, resumed from the newest readable checkpoint
         st = build_state(args, device, rank, world, local)
-        resume(st, args, rank)
+        rundir.resume(st, args, rank, schedules)
         if rank == 0:
-            log = MetricsLog(args.out, st.step, args)  # metrics.jsonl, and W&B with --wandb
-            describe_run(args, world, len(store))
+            log = rundir.MetricsLog(args.out, st.step, args)  # metrics.jsonl, and W&B with --wandb
+            rundir.describe_run(args, world, len(store), schedules)
         run(st, store, log, args, rank, world, device)
     finally:
         if log:
@@ -912,9 +552,9 @@ def run(st, store, log, args, rank, world, device):
                               mask_ratio=tuple(args.mask_ratio), mask_prob=args.mask_prob, patch_size=args.patch_size)
     # 4. the loop
     bar = progress(total=args.steps, initial=st.step, disable=not master, dynamic_ncols=True, desc="steps",
-                   unit="step", every=None)  # in a log file: write_metrics' lines instead
+                   unit="step", every=None)  # in a log file: the log's lines instead
     batches, bad_in_a_row, wins = iter(loader), 0, None
-    with StopSignals() as stop, collective_failures(rank, args, world):
+    with rundir.StopSignals() as stop, rundir.collective_failures(rank, args, world):
         while st.step < args.steps:
             t0 = time.time()  # data: the next batch, moved to the device (colour ops there with --gpu-augment)
             batch = prepare_batch(next(batches), args, device, aug_cfg)
@@ -928,21 +568,21 @@ def run(st, store, log, args, rank, world, device):
                 metrics = reduce_metrics(out, wins, world)
                 wins = None
                 if master:
-                    write_metrics(log, metrics, sched, st, args, world, bar)
+                    log.step(metrics, sched, st, args, world, bar)
             bar.update()
             stopping = stop.agreed(st.step, args, world, device)
             # what is due at this step (export, probe) is written before its checkpoint: a crash anywhere before
             # the checkpoint is complete resumes from an earlier step and redoes it all
             if master and (st.step % args.export_every == 0 or st.step == args.steps):
-                export_teacher(st, args)
+                rundir.export_teacher(st, args, card_info(st, args))
             if master and args.probe_every and st.step % args.probe_every == 0:
                 run_probe(st.teacher.backbone, args, st.step, log)
             if st.step % args.checkpoint_every == 0 or st.step == args.steps or stopping:
-                rng = rng_states(world)
+                rng = rundir.rng_states(world)
                 if hasattr(st.opt, "consolidate_state_dict"):  # ZeRO-1: every rank sends its shard to rank 0
                     st.opt.consolidate_state_dict(to=0)
                 if master:
-                    save_checkpoint(st, args, rng)
+                    rundir.save_checkpoint(st, args, rng)
             if stopping:
                 tqdm.write(f"signal {stop.received}: checkpoint written at step {st.step}; exiting")
                 break
@@ -952,7 +592,7 @@ def run(st, store, log, args, rank, world, device):
     if master and args.preset == "demo" and st.step == args.steps:
         run_probe(st.teacher.backbone, args, st.step, log, baseline=initial_backbone(args))
     if master and finished and args.results:
-        export_model(st, args)
+        rundir.export_model(st, args, card_info(st, args))
     if world > 1:
         dist.destroy_process_group()
 
@@ -966,20 +606,6 @@ def report_bad_step(out, batch, st, bad_in_a_row, args):
         raise SystemExit(f"{bad_in_a_row} non-finite steps in a row ({bad}): lower --base-lr, check --teacher-temp "
                          "(<= 0.07) and the data (blank or constant patches), or resume from an earlier checkpoint")
     return bad_in_a_row
-
-
-def write_metrics(log, metrics, sched, st, args, world, bar):
-    now = time.time()
-    dt = now - log.t_last
-    rec = {"step": st.step, **{k: round(v, 5) for k, v in metrics.items()}, **sched, "skipped_steps": st.skipped,
-           "images_per_s": round(args.log_every * args.batch_size * world / dt, 2),
-           "data_time_frac": round(log.data_time / dt, 3)}
-    log.write(rec)
-    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{sched['lr']:.2e}", img_s=rec["images_per_s"])
-    if not on_terminal():  # a log file gets one plain line per logged step, as nanoGPT's and DINOv2's
-        tqdm.write(f"step {st.step}/{args.steps}: loss {rec['loss']:.4f}, lr {sched['lr']:.3e}, "
-                   f"{rec['images_per_s']} images/s, data wait {rec['data_time_frac']:.0%}")
-    log.t_last, log.data_time = now, 0.0
 
 
 if __name__ == "__main__":

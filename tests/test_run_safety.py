@@ -18,6 +18,7 @@ import torch
 import bench
 import eval_probe as E
 import prepare_patches as P
+import rundir
 import train
 from conftest import ROOT, SAMPLE_SLIDE, tiny_train_args
 
@@ -91,6 +92,7 @@ KILLED_AT = """
 import os, re, signal, sys
 sys.path.insert(0, {root!r})
 import torch
+import rundir
 import train
 
 def kill_when(module, name, condition):
@@ -103,7 +105,7 @@ def kill_when(module, name, condition):
 
 point, target = sys.argv[1], sys.argv[2]
 if point == "save":  # before train.py writes `target` (a checkpoint or an export)
-    kill_when(train, "save_or_stop", lambda obj, path, *rest: os.path.basename(path) == target)
+    kill_when(rundir, "save_or_stop", lambda obj, path, *rest: os.path.basename(path) == target)
 elif point == "link":  # `target` is complete and read back; checkpoint.pt does not point at it yet
     kill_when(os, "link", lambda src, *rest: os.path.basename(src) == target)
 elif point == "prune":  # removing the older checkpoint `target`
@@ -113,13 +115,13 @@ elif point == "step":  # rank RANK starts the step after `target` steps, in the 
     if os.environ.get("RANK", "0") == rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         kill_when(train, "train_step", lambda st, *rest: st.step == int(step))
 elif point == "slow-save":  # rank 0 writes the checkpoint `target` for a long time
-    real_save = train.save_checkpoint
+    real_save = rundir.save_checkpoint
     def slow(st, args, rng):
         if f"checkpoint-{{st.step:07d}}.pt" == target:
             import time
             time.sleep(6)
         return real_save(st, args, rng)
-    train.save_checkpoint = slow
+    rundir.save_checkpoint = slow
 torch.set_num_threads(1)
 train.main(sys.argv[3:])
 """
@@ -252,7 +254,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoints(small_store, tmp
 
 
 def test_a_second_job_on_the_same_run_directory_is_refused(small_store, tmp_path):
-    held = train.lock_run_dir(str(tmp_path))  # the first job
+    held = rundir.lock_run_dir(str(tmp_path))  # the first job
     with pytest.raises(SystemExit, match=f"in use by another training process \\(pid {os.getpid()} on host "):
         train.main(tiny_train_args(small_store, tmp_path, "--steps", 1))
     held.close()
