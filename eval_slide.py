@@ -32,12 +32,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import benchmarks
 import eval_probe
 from cli import Parser, bounded, existing_path, progress
 from files import atomic_write
 from model import load_backbone, weights_arg
-from slides import list_slides
 from slide_reader import MIN_FOREGROUND, SATURATION, SEED, SlideReader
+from slides import list_slides
 
 DATASETS = {"camelyon16": dict(mpp=0.25, max_patches=1000), "panda": dict(mpp=0.5, max_patches=200),
             "csv": dict(mpp=0.25, max_patches=1000)}  # eva's camelyon16_small.yaml, panda_small.yaml
@@ -348,7 +349,7 @@ def load_panda(root, seed=SEED, ratios=(0.1, 0.05, 0.05)):
               "eva uses all 10,616 images of train_with_noisy_labels.csv (the split depends on every kept one)")
     labels = [int(rows[i]["isup_grade"]) for i in kept]
     items = []
-    for split, idx in zip(("train", "val", "test"), eval_probe.stratified_split(labels, ratios, seed)):
+    for split, idx in zip(("train", "val", "test"), benchmarks.stratified_split(labels, ratios, seed)):
         items += [{"id": kept[i], "path": on_disk[kept[i]], "label": labels[i], "split": split} for i in idx]
     return items, [str(c) for c in range(6)]
 
@@ -378,7 +379,7 @@ def load_slide_csv(path, seed=SEED, need_files=True):
     if splits == {None} or "val" not in splits:
         pool = [it for it in items if it["split"] in (None, "train")]
         ratios = (0.7, 0.15, 0.15) if splits == {None} else (0.8, 0.2, 0.0)
-        parts = eval_probe.stratified_split([it["label"] for it in pool], ratios, seed)
+        parts = benchmarks.stratified_split([it["label"] for it in pool], ratios, seed)
         for split, idx in zip(("train", "val", "test"), parts):
             for i in idx:
                 pool[i]["split"] = split

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import benchmarks
 import cli
 import eval_probe
 from files import atomic_write
@@ -485,14 +486,14 @@ def tsne_command(args):
     """--tsne OUT.png: features of every labelled image of --data (all splits; a stratified sample of
     TSNE_MAX_POINTS if more), one t-SNE per --weights, drawn side by side; OUT.json keeps the coordinates."""
     weights = args.weights if isinstance(args.weights, list) else [args.weights]
-    splits, classes = eval_probe.LOADERS[args.dataset](args.data, args.seed)
+    splits, classes = benchmarks.LOADERS[args.dataset](args.data, args.seed)
     splits = {s: items for s, items in splits.items() if items}
     total = sum(len(v) for v in splits.values())
     if total == 0:
         raise SystemExit(f"no labelled images under {args.data!r} for --dataset {args.dataset}")
     if total > TSNE_MAX_POINTS:  # exact t-SNE is O(N^2): a seeded stratified sample of every split
         frac = TSNE_MAX_POINTS / total
-        splits = {s: eval_probe.split_items(v, (frac, 1 - frac), args.seed)[0] for s, v in splits.items()}
+        splits = {s: benchmarks.split_items(v, (frac, 1 - frac), args.seed)[0] for s, v in splits.items()}
     panels, infos, labels = [], [], None
     for w, title in zip(weights, _titles(weights)):
         a = copy.copy(args)
@@ -522,7 +523,7 @@ def make_demo_suite(root, probe=os.path.join(os.path.dirname(os.path.abspath(__f
     BRACS (3 classes, a stratified 60/20/20 split) and as MHIST (0.5 um/px as SSA, 2 um/px as HP, 70/30)."""
     if not os.path.exists(os.path.join(probe, "DONE")):
         raise SystemExit(f"no demo probe set at {probe}: make it with python prepare_patches.py --demo")
-    splits, classes = eval_probe.load_imagefolder(probe, 0)
+    splits, classes = benchmarks.load_imagefolder(probe, 0)
     for split, items in splits.items():
         for path, c in items:
             d = os.path.join(root, "bracs", "BRACS_RoI", "latest_version", split, classes[c])
@@ -531,7 +532,7 @@ def make_demo_suite(root, probe=os.path.join(os.path.dirname(os.path.abspath(__f
     os.makedirs(os.path.join(root, "mhist", "images"), exist_ok=True)
     items = [(p, c) for p, c in sum(splits.values(), []) if classes[c] in ("0.5mpp", "2mpp")]
     rows = ["Image Name,Majority Vote Label,Number of Annotators who Selected SSA (Out of 7),Partition"]
-    for part, chosen in zip(("train", "test"), eval_probe.split_items(items, (0.7, 0.3), 0)):
+    for part, chosen in zip(("train", "test"), benchmarks.split_items(items, (0.7, 0.3), 0)):
         for path, c in chosen:
             name = f"{classes[c]}_{os.path.basename(path)}"
             Image.open(path).save(os.path.join(root, "mhist", "images", name))
@@ -555,7 +556,7 @@ def get_args(argv=None):
                    help="the t-SNE map of --data's features by class (two --weights: side by side); with --suite: "
                    "where BACH's map goes (default OUT/tsne_bach.png)")
     p.add_argument("--data", default=None, type=cli.existing_path, help="with --tsne: the labelled images to map")
-    p.add_argument("--dataset", default="imagefolder", choices=sorted(eval_probe.LOADERS),
+    p.add_argument("--dataset", default="imagefolder", choices=sorted(benchmarks.LOADERS),
                    help="with --tsne: the layout of --data")
     args = p.parse_args(argv)
     if not args.suite and not (args.tsne and args.data):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import benchmarks as B
 import eval_probe as E
 import model as M
 
@@ -63,10 +64,10 @@ def test_knn_weighted_vote():
 
 def test_stratified_split_is_seeded_disjoint_and_proportional():
     items = [(f"a{i}", 0) for i in range(50)] + [(f"b{i}", 1) for i in range(20)]
-    tr, va, te = E.split_items(items, (0.6, 0.2, 0.2), seed=3)
+    tr, va, te = B.split_items(items, (0.6, 0.2, 0.2), seed=3)
     assert [sum(lab == c for _, lab in part) for part in (tr, va, te) for c in (0, 1)] == [30, 12, 10, 4, 10, 4]
     assert not ({i for i, _ in tr} & {i for i, _ in va}) and len(tr) + len(va) + len(te) == 70
-    assert E.split_items(items, (0.6, 0.2, 0.2), seed=3) == [tr, va, te]
+    assert B.split_items(items, (0.6, 0.2, 0.2), seed=3) == [tr, va, te]
 
 
 def touch(path):
@@ -79,32 +80,32 @@ def test_benchmark_layouts_give_evas_splits(tmp_path):
     for c in ("Benign", "InSitu", "Invasive", "Normal"):
         for i in range(100):
             touch(bach / "ICIAR2018_BACH_Challenge" / "Photos" / c / f"{c[0]}{i:03d}.tif")
-    splits, classes = E.load_bach(str(bach), 0)
+    splits, classes = B.load_bach(str(bach), 0)
     assert len(splits["train"]) == 268 and len(splits["val"]) == 132 and len(classes) == 4
     bh = tmp_path / "breakhis" / "BreaKHis_v1" / "histology_slides" / "breast"
     touch(bh / "benign/SOB/tubular_adenoma/SOB_B_TA_14-3411F/40X/SOB_B_TA-14-3411F-40-001.png")
     touch(bh / "malignant/SOB/ductal_carcinoma/SOB_M_DC_14-2773/40X/SOB_M_DC-14-2773-40-001.png")
     touch(bh / "malignant/SOB/ductal_carcinoma/SOB_M_DC_14-2773/100X/SOB_M_DC-14-2773-100-001.png")
     touch(bh / "malignant/SOB/lobular_carcinoma/SOB_M_LC_14-1/40X/SOB_M_LC-14-1-40-001.png")  # not a kept class
-    splits, classes = E.load_breakhis(str(tmp_path / "breakhis"), 0)
+    splits, classes = B.load_breakhis(str(tmp_path / "breakhis"), 0)
     assert [(os.path.basename(p), classes[c]) for p, c in splits["train"]] == [("SOB_B_TA-14-3411F-40-001.png", "TA")]
     assert [classes[c] for _, c in splits["val"]] == ["DC"]  # patient 2773 is a validation patient
     gl = tmp_path / "gleason"
     touch(gl / "train_validation_patches_750" / "ZT76_39_A" / "ZT76_39_A_1_1_class_2.jpg")
     touch(gl / "train_validation_patches_750" / "ZT111_4_A" / "ZT111_4_A_1_1_class_0.jpg")
     touch(gl / "test_patches_750" / "patho_1" / "ZT80_38_A" / "ZT80_38_A_1_1_class_3.jpg")
-    splits, _ = E.load_gleason(str(gl), 0)
+    splits, _ = B.load_gleason(str(gl), 0)
     assert [c for _, c in splits["val"]] == [2] and [c for _, c in splits["train"]] == [0]
     assert [c for _, c in splits["test"]] == [3]
     mh = tmp_path / "mhist"
     os.makedirs(mh)
     (mh / "annotations.csv").write_text("Image Name,Majority Vote Label,Number of Annotators who Selected SSA "
                                         "(Out of 7),Partition\na.png,SSA,6,train\nb.png,HP,0,test\n")
-    splits, classes = E.load_mhist(str(mh), 0)
+    splits, classes = B.load_mhist(str(mh), 0)
     assert splits["train"][0][1] == classes.index("SSA") == 0 and splits["val"][0][1] == 1
     for d in ("NCT-CRC-HE-100K", "CRC-VAL-HE-7K"):
         touch(tmp_path / "crc" / d / "TUM" / "x.tif")
-    splits, classes = E.load_crc(str(tmp_path / "crc"), 0)
+    splits, classes = B.load_crc(str(tmp_path / "crc"), 0)
     assert [classes[c] for _, c in splits["train"]] == ["TUM"] and len(splits["val"]) == 1
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import bench
+import benchmarks as B
 import eval_probe as E
 import prepare_patches as P
 import rundir
@@ -319,7 +320,7 @@ def test_probe_refuses_one_class_and_names_missing_files(tmp_path):
         E.main(["--weights", str(tmp_path / "unused.pth"), "--data", str(tmp_path / "one")])
     rows = ["path,label"] + [f"one/a/{i}.png,{'x' if i % 2 else 'y'}" for i in range(6)] + ["gone.png,x"]
     (tmp_path / "list.csv").write_text("\n".join(rows))
-    splits, classes = E.load_csv(str(tmp_path / "list.csv"), 0)
+    splits, classes = B.load_csv(str(tmp_path / "list.csv"), 0)
     assert classes == ["x", "y"] and sum(map(len, splits.values())) == 6  # the missing file is left out
 
 
