@@ -28,7 +28,7 @@ import augment
 import eval_probe
 from cli import Parser, bounded, existing_path, progress
 from files import atomic_write
-from model import load_backbone, weights_arg
+from weights import load_backbone, weights_arg
 
 # HEST-bench's task folders, as OpenMidnight's config enables them (HCC stays off); the paper writes ccRCC and LUAD
 TASKS = ("IDC", "PRAD", "PAAD", "SKCM", "COAD", "READ", "CCRCC", "LUNG", "LYMPH_IDC")

@@ -6,7 +6,7 @@ accuracy as the headline, plus DINO's weighted kNN, few-shot probes and PCA maps
     python eval_probe.py --weights dinov2_vitg14_reg4_pretrain.pth --data my_folder --few-shot 10 --pca maps.png
 
 Weights: this project's checkpoints and exports, DINOv2 hub files, OpenMidnight's teacher_checkpoint.pth (one
-loader, model.load_backbone). Features are extracted once and cached on disk; re-fitting heads costs seconds.
+loader, weights.load_backbone). Features are extracted once and cached on disk; re-fitting heads costs seconds.
 """
 import hashlib
 import json
@@ -23,7 +23,8 @@ import augment
 import benchmarks
 from cli import Parser, bounded, existing_path, progress
 from files import atomic_write
-from model import autocast, load_backbone, weights_arg
+from model import autocast
+from weights import load_backbone, weights_arg
 
 # the frozen feature of an image: CLS (DINOv2, OpenMidnight, eva), CLS + mean patch token (Midnight, Virchow2), or
 # the mean patch token

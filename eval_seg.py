@@ -52,7 +52,8 @@ import augment
 from eval_probe import FEATURES, cache_key, file_key, resize, resize_and_crop, save_results
 from cli import Parser, bounded, existing_path, progress
 from files import atomic_write
-from model import autocast, load_backbone, weights_arg
+from model import autocast
+from weights import load_backbone, weights_arg
 
 CLASSES = {"consep": ["background", "other", "inflammatory", "epithelial", "spindle-shaped"],
            "monusac": ["Background", "Epithelial", "Lymphocyte", "Neutrophil", "Macrophage", "Ambiguous"]}

@@ -36,9 +36,9 @@ import benchmarks
 import eval_probe
 from cli import Parser, bounded, existing_path, progress
 from files import atomic_write
-from model import load_backbone, weights_arg
 from slide_reader import MIN_FOREGROUND, SATURATION, SEED, SlideReader
 from slides import list_slides
+from weights import load_backbone, weights_arg
 
 DATASETS = {"camelyon16": dict(mpp=0.25, max_patches=1000), "panda": dict(mpp=0.5, max_patches=200),
             "csv": dict(mpp=0.25, max_patches=1000)}  # eva's camelyon16_small.yaml, panda_small.yaml

@@ -10,7 +10,7 @@ train.py writes runs/<name>/model/ at every export; this script rewrites such a 
 card, model.safetensors) or makes one from any other checkpoint. Then, with nothing downloaded:
 
     timm.create_model("local-dir:runs/om/model", pretrained=True)    # timm >= 1.0.16, no other argument
-    model.load_backbone("runs/om/model")                              # nanopath; DINOv2's hub code: the .bin
+    weights.load_backbone("runs/om/model")                              # nanopath; DINOv2's hub code: the .bin
 """
 import json
 import math
@@ -22,7 +22,7 @@ import torch
 import augment
 from cli import Parser, existing_path
 from files import atomic_write
-from model import read_checkpoint
+from weights import read_checkpoint
 
 # timm's DINOv2 architectures (vision_transformer.py): the small, base and large ones have an MLP FFN, the giant
 # one SwiGLUPacked; *_reg4_* adds reg_tokens=4 with no_embed_class. model_args then set every size exactly.
@@ -30,7 +30,7 @@ TIMM_MLP_WIDTHS = {384: "small", 768: "base", 1024: "large"}
 
 
 def timm_config(cfg, norm="imagenet"):
-    """timm's config.json for a backbone of model.infer_config's kwargs: the matching
+    """timm's config.json for a backbone of weights.infer_config's kwargs: the matching
     vit_<size>_patch14[_reg4]_dinov2 architecture, every size in model_args (built at the weights' own grid, so
     the pos-embed is used as trained, not resampled), and the run's normalisation in pretrained_cfg."""
     D, R, swiglu = cfg["embed_dim"], cfg["num_register_tokens"], cfg["ffn"] == "swiglu"
@@ -109,7 +109,7 @@ def model_card(cfg, norm, n_params, training=None, results=None, source=None):
            "pretrained=True)  # timm >= 1.0.16; nothing is downloaded",
            "features = model.forward_features(x)[:, 0]  # the CLS token; x normalised as above", "```", "",
            "DINOv2's hub code loads `pytorch_model.bin` (DINOv2's own names) with `load_state_dict` into "
-           f"`dinov2_vit*_reg` built with `img_size={cfg['img_size']}`; nanopath: `model.load_backbone(FOLDER)`.", ""]
+           f"`dinov2_vit*_reg` built with `img_size={cfg['img_size']}`; nanopath: `weights.load_backbone(FOLDER)`.", ""]
     if training:
         args = training["args"]
         out += ["## Training recipe", "",
@@ -141,7 +141,7 @@ def model_card(cfg, norm, n_params, training=None, results=None, source=None):
 
 def write_model_folder(folder, sd, cfg, norm="imagenet", training=None, results=None, safetensors=False,
                        source=None, weights_file=None):
-    """For hub-layout tensors `sd` of a ViT of kwargs `cfg` (model.infer_config's): config.json,
+    """For hub-layout tensors `sd` of a ViT of kwargs `cfg` (weights.infer_config's): config.json,
     pytorch_model.bin (a hard link to `weights_file` when it holds these tensors already, so no bytes are written
     twice), README.md, training.json (what the card was made from) and, if asked, model.safetensors; every file
     written atomically."""
@@ -175,7 +175,7 @@ def write_model_folder(folder, sd, cfg, norm="imagenet", training=None, results=
 def main(argv=None):
     p = Parser(description=__doc__)
     p.add_argument("source", type=existing_path,
-                   help="a run directory (its model/), a model folder, or any checkpoint model.load_backbone reads")
+                   help="a run directory (its model/), a model folder, or any checkpoint weights.load_backbone reads")
     p.add_argument("--out", default=None, help="the folder to write (default: the source's model folder itself)")
     p.add_argument("--results", type=existing_path, default=None, help="a suite's results.json for the card")
     p.add_argument("--safetensors", action="store_true", help="also model.safetensors (pip install safetensors)")

@@ -39,7 +39,7 @@ from tqdm import tqdm
 import export
 from cli import bounded, existing_path, on_terminal
 from files import atomic_write, lock_folder
-from model import infer_config
+from weights import infer_config
 
 
 def add_args(p):
@@ -251,7 +251,7 @@ def save_or_stop(obj, path, size, step):
 def export_teacher(st, args, training):
     """The teacher backbone in the DINOv2 hub layout (fp32): teacher_backbone.pth and
     exports/teacher_backbone_<step>.pth, strict-loadable by model.py and DINOv2's own code, each with timm's
-    config.json beside it (whose model_args tell model.read_checkpoint the number of heads); then model/, the
+    config.json beside it (whose model_args tell weights.read_checkpoint the number of heads); then model/, the
     folder timm and the Hugging Face Hub load, with its model card (export.py), its weights a hard link."""
     backbone = st.teacher.backbone
     sd = {k: v.detach().float().cpu() for k, v in backbone.state_dict().items()}

@@ -30,7 +30,8 @@ import export
 import loss as L
 import rundir
 from cli import Parser, bounded, progress
-from model import ARCHS, DINOHead, ViT, autocast, checkpoint_problem, load_into, read_checkpoint
+from model import ARCHS, DINOHead, ViT, autocast
+from weights import checkpoint_problem, load_into, read_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if not {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(os.environ):  # read at the first CUDA allocation
@@ -66,7 +67,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--data", default=None, help="finished patch store from prepare_patches.py (the demo, given "
                    "none, prepares one from the bundled slide)")
     g.add_argument("--init", default=None, help="local checkpoint to start from, e.g. dinov2_vitg14_reg4_pretrain.pth "
-                   "(any layout model.load_backbone reads); none = random init")
+                   "(any layout weights.load_backbone reads); none = random init")
     g.add_argument("--probe-data", default=None, help="a small labelled image folder: kNN probe of the teacher")
     g.add_argument("--probe-every", type=bounded(int, 0), default=0, help="steps between probes (0 = off)")
     g.add_argument("--probe-size", type=bounded(int, 14), default=224,

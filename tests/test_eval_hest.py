@@ -12,6 +12,7 @@ import augment
 import eval_hest as H
 import eval_probe as E
 import model as M
+import weights as W
 
 
 def features(n, d, seed, spread=1.0):
@@ -237,7 +238,7 @@ def test_main_on_a_tiny_hest_tree(tmp_path, capsys):
     assert saved["headline"]["value"] == pytest.approx(np.mean([t["mean"] for t in saved["pearson"]["tasks"].values()]))
     assert task["folds"][0] == {"train": ["S0", "S1"], "test": ["S2"], "n_train": 40, "n_test": 20}
     # fold 0 of IDC recomputed independently: features by eval_probe.embed, counts by barcode from the h5ad
-    backbone = M.load_backbone(str(tmp_path / "w.pth")).eval()
+    backbone = W.load_backbone(str(tmp_path / "w.pth")).eval()
     x, y = [], []
     for s in range(3):
         imgs = np.concatenate(list(H.patch_batches(os.path.join(root, "IDC", "patches", f"S{s}.h5"), 100)))

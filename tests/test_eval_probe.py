@@ -11,6 +11,7 @@ from PIL import Image
 import benchmarks as B
 import eval_probe as E
 import model as M
+import weights as W
 
 
 def test_metrics_against_hand_computed_values():
@@ -183,7 +184,7 @@ def test_every_checkpoint_layout_gives_the_same_features(image_folder, hub_weigh
     }
     for name, obj in layouts.items():
         torch.save(obj, tmp_path / name)
-        feats, _, _ = E.extract_features(M.load_backbone(str(tmp_path / name)), items, size=56)
+        feats, _, _ = E.extract_features(W.load_backbone(str(tmp_path / name)), items, size=56)
         assert torch.allclose(feats, ref, atol=1e-5), name
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 import eval_seg as S
 import model as M
+import weights as W
 
 
 # -----------------------------------------------------------------------------
@@ -368,7 +369,7 @@ def test_main_consep_end_to_end(tmp_path, tiny_weights, capsys):
     S.main(args[:7] + ["1"] + args[8:] + ["--norm", "half", "--out", str(tmp_path / "r3.json")])
     assert "features from cache" not in capsys.readouterr().out
     half = torch.load(max(glob.glob(str(tmp_path / "cache" / "*.pt")), key=os.path.getmtime), weights_only=True)
-    backbone = M.load_backbone(tiny_weights).eval()
+    backbone = W.load_backbone(tiny_weights).eval()
     images = half["val"][1]
     torch.testing.assert_close(half["val"][0], S.patch_features(backbone, images.float() / 127.5 - 1, "float32"))
     assert not torch.allclose(half["val"][0], cached["val"][0])

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import weights as W
 
 
 def n_params(m):
@@ -262,11 +263,11 @@ def test_hub_file_loads_strict_and_resizes_to_a_training_grid(tmp_path):
     hub = small(img_size=518)
     path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     torch.save(hub.state_dict(), path)
-    m = M.load_backbone(str(path))
+    m = W.load_backbone(str(path))
     assert (m.arch, m.ffn, m.num_register_tokens, m.pos_embed.shape[1]) == ("vit_small", "mlp", 4, 1370)
     x = torch.randn(1, 3, 224, 224)
     assert torch.equal(m.eval()(x), hub(x))
-    m224 = M.load_backbone(str(path), img_size=224).eval()  # pos-embed resized once, 37x37 -> 16x16
+    m224 = W.load_backbone(str(path), img_size=224).eval()  # pos-embed resized once, 37x37 -> 16x16
     assert m224.pos_embed.shape[1] == 257
     assert torch.allclose(m224(x), hub(x), atol=1e-5)  # same interpolation as the 518 model does at run time
 
@@ -284,7 +285,7 @@ def test_openmidnight_chunked_teacher_loads_to_the_same_weights(tmp_path):
             teacher[f"{head}.{k}"] = v
     path = tmp_path / "teacher_checkpoint.pth"
     torch.save({"teacher": teacher}, path)
-    m = M.load_backbone(str(path))
+    m = W.load_backbone(str(path))
     assert m.ffn == "swiglu" and len(m.blocks) == 12
     for k, v in src.state_dict().items():
         assert torch.equal(m.state_dict()[k], v), k
@@ -294,18 +295,18 @@ def test_wrong_arch_checkpoint_fails_with_a_clear_message(tmp_path):
     path = tmp_path / "vits.pth"
     torch.save(small().state_dict(), path)
     with pytest.raises(ValueError, match="vit_small") as e:
-        M.load_backbone(str(path), arch="vit_base")
+        W.load_backbone(str(path), arch="vit_base")
     assert "mis-shaped" in str(e.value) and "probable cause" in str(e.value)
     with pytest.raises(ValueError, match="register tokens") as e:
-        M.load_backbone(str(path), num_register_tokens=0)
+        W.load_backbone(str(path), num_register_tokens=0)
     assert "unexpected keys: register_tokens" in str(e.value)
     with pytest.raises(ValueError, match="FFN"):
-        M.load_backbone(str(path), ffn="swiglu")
+        W.load_backbone(str(path), ffn="swiglu")
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        M.load_backbone(str(tmp_path / "nope.pth"))
+        W.load_backbone(str(tmp_path / "nope.pth"))
     torch.save({"weights": torch.zeros(3)}, tmp_path / "junk.pth")
     with pytest.raises(ValueError, match="no ViT backbone"):
-        M.load_backbone(str(tmp_path / "junk.pth"))
+        W.load_backbone(str(tmp_path / "junk.pth"))
 
 
 @pytest.mark.parametrize("train_mode,selective", [(True, False), (True, True), (False, False)])

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import weights as W
 import train
 from conftest import tiny_train_args
 
@@ -176,7 +177,7 @@ def test_public_configuration_is_inferred_and_builds_the_hub_layout_exactly(name
         sd = hf_state(width, depth, patch, grid, regs, ffn, hidden, new=meta)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no config.json: the heads are assumed from the width
-        hub, cfg = M.read_checkpoint(sd)
+        hub, cfg = W.read_checkpoint(sd)
     assert (cfg["embed_dim"], cfg["depth"], cfg["num_heads"], cfg["patch_size"], cfg["img_size"]) == \
         (width, depth, heads, patch, 224)  # the width-based guess of the heads is right for every public model
     assert (cfg["num_register_tokens"], cfg["ffn"], cfg["ffn_hidden"]) == (regs, ffn, hidden)
@@ -193,14 +194,14 @@ def test_public_configuration_is_inferred_and_builds_the_hub_layout_exactly(name
 def test_layout_loads_strict_and_is_the_sources_forward(name):
     sd = state(name)
     x = image(name)
-    m = M.load_backbone(sd, num_heads=HEADS)
+    m = W.load_backbone(sd, num_heads=HEADS)
     assert m.num_register_tokens == SMALL[name]["regs"] and m.ffn == SMALL[name]["ffn"]
     ref_cls, ref_patch = reference_forward(sd, heads=HEADS, x=x, **SMALL[name])
     cls, patch = tokens(m, x)
     torch.testing.assert_close(cls, ref_cls, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(patch, ref_patch, atol=1e-5, rtol=1e-5)
     # a wrong head count is a different function: the comparison can fail
-    assert not torch.allclose(tokens(M.load_backbone(sd, num_heads=2), x)[0], ref_cls, atol=1e-3)
+    assert not torch.allclose(tokens(W.load_backbone(sd, num_heads=2), x)[0], ref_cls, atol=1e-3)
 
 
 def test_transformers_in_memory_names_load_as_the_saved_ones():
@@ -218,7 +219,7 @@ def test_transformers_in_memory_names_load_as_the_saved_ones():
             continue
         renamed[k.replace("mlp.weights_out", "mlp.down_proj")] = v
     x = image("Midnight")
-    a, b = M.load_backbone(saved, num_heads=HEADS), M.load_backbone(renamed, num_heads=HEADS)
+    a, b = W.load_backbone(saved, num_heads=HEADS), W.load_backbone(renamed, num_heads=HEADS)
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
     torch.testing.assert_close(tokens(b, x)[0], reference_forward(saved, heads=HEADS, x=x, **SMALL["Midnight"])[0],
                                atol=1e-5, rtol=1e-5)
@@ -233,21 +234,21 @@ def test_timms_split_swiglu_loads_as_its_packed_one():
             split[k.replace("fc1", "fc1_g")], split[k.replace("fc1", "fc1_x")] = v.chunk(2)
         else:
             split[k] = v
-    a, b = M.load_backbone(packed, num_heads=HEADS), M.load_backbone(split, num_heads=HEADS)
+    a, b = W.load_backbone(packed, num_heads=HEADS), W.load_backbone(split, num_heads=HEADS)
     assert a.state_dict().keys() == b.state_dict().keys()
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
 
 
 def test_export_is_the_dinov2_hub_layout_and_loads_back_to_the_same_model(tmp_path):
     # Virchow2's layout: packed SwiGLU and registers with positions, which the hub layout holds in other tensors
-    m = M.load_backbone(state("Virchow2"), num_heads=HEADS)
+    m = W.load_backbone(state("Virchow2"), num_heads=HEADS)
     torch.save(m.state_dict(), tmp_path / "teacher_backbone.pth")
     export = torch.load(tmp_path / "teacher_backbone.pth", weights_only=True)
     assert not any(k.startswith(("reg_token", "embeddings.")) or ".fc1." in k for k in export)
     fresh = M.ViT(embed_dim=D, depth=DEPTH, num_heads=HEADS, patch_size=14, img_size=56, num_register_tokens=4,
                   ffn="swiglu", ffn_hidden=170)
     fresh.load_state_dict(export, strict=True)  # exactly the hub names and shapes
-    back = M.load_backbone(str(tmp_path / "teacher_backbone.pth"), num_heads=HEADS)
+    back = W.load_backbone(str(tmp_path / "teacher_backbone.pth"), num_heads=HEADS)
     x = image("Virchow2")
     assert all(torch.equal(a, b) for a, b in zip(tokens(back, x), tokens(m, x)))
 
@@ -295,7 +296,7 @@ def test_model_folder_is_what_timm_reads_and_converts_to_the_same_model(tmp_path
     m = M.ViT(embed_dim=D, depth=DEPTH, num_heads=HEADS, patch_size=patch, img_size=GRID * patch,
               num_register_tokens=regs, ffn=ffn, layerscale_init=0.5)
     sd = m.state_dict()
-    export.write_model_folder(str(tmp_path), sd, M.infer_config(sd, HEADS), "half")
+    export.write_model_folder(str(tmp_path), sd, W.infer_config(sd, HEADS), "half")
     config = json.load(open(tmp_path / "config.json"))
     assert set(config) <= TIMM_CONFIG_KEYS and set(config["pretrained_cfg"]) <= TIMM_PRETRAINED_CFG
     assert set(config["model_args"]) <= TIMM_VIT_ARGS and config["num_classes"] == 0
@@ -318,7 +319,7 @@ def test_model_folder_is_what_timm_reads_and_converts_to_the_same_model(tmp_path
     ref = reference_forward(converted, "timm", x, HEADS, patch, regs, ffn, no_embed_class=bool(regs))
     for a, b in zip(tokens(m, x), ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    back = M.load_backbone(str(tmp_path))  # nanopath reads the folder too, heads from model_args
+    back = W.load_backbone(str(tmp_path))  # nanopath reads the folder too, heads from model_args
     assert back.num_heads == HEADS and all(torch.equal(a, b) for a, b in zip(tokens(back, x), tokens(m, x)))
     card = (tmp_path / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: timm\n") and "## Intended use" in card and "## Load it" in card
@@ -335,7 +336,7 @@ def test_snapshot_folders_take_the_heads_from_config_json(tmp_path):
     (hf / "config.json").write_text(json.dumps({"model_type": "dinov2", "num_attention_heads": HEADS,
                                                 "hidden_act": "gelu", "layer_norm_eps": 1e-6}))
     x = image("Phikon-v2")
-    m = M.load_backbone(str(hf))
+    m = W.load_backbone(str(hf))
     assert m.num_heads == HEADS and not m.interpolate_antialias  # transformers' Dinov2Model resizes without it
     torch.testing.assert_close(tokens(m, x)[0], reference_forward(sd, heads=HEADS, x=x, **SMALL["Phikon-v2"])[0],
                                atol=1e-5, rtol=1e-5)
@@ -344,23 +345,23 @@ def test_snapshot_folders_take_the_heads_from_config_json(tmp_path):
     torch.save(state("UNI"), timm_dir / "pytorch_model.bin")
     (timm_dir / "config.json").write_text(json.dumps({"architecture": "vit_large_patch16_224",
                                                       "model_args": {"num_heads": 8}}))
-    assert M.load_backbone(str(timm_dir / "pytorch_model.bin")).num_heads == 8  # the file's folder is read too
+    assert W.load_backbone(str(timm_dir / "pytorch_model.bin")).num_heads == 8  # the file's folder is read too
     (timm_dir / "config.json").write_text(json.dumps({"architecture": "vit_huge_patch14_224"}))
     torch.save(timm_state(D=1280, depth=1, grid=2, hidden=64), timm_dir / "pytorch_model.bin")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the name gives the heads: nothing is assumed
-        assert M.load_backbone(str(timm_dir)).num_heads == 16
+        assert W.load_backbone(str(timm_dir)).num_heads == 16
 
 
 def test_without_config_json_the_heads_are_assumed_with_a_warning():
     with pytest.warns(UserWarning, match="assuming 1 heads of 64 for width 64.*pass num_heads="):
-        _, cfg = M.read_checkpoint(state("UNI"))
+        _, cfg = W.read_checkpoint(state("UNI"))
     assert cfg["num_heads"] == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # DINOv2's own sizes need no guess
         with torch.device("meta"):
             hub = M.ViT("vit_small", num_register_tokens=4).state_dict()
-        assert M.read_checkpoint(hub)[1]["num_heads"] == 6
+        assert W.read_checkpoint(hub)[1]["num_heads"] == 6
 
 
 def test_safetensors_file_loads(tmp_path):
@@ -368,7 +369,7 @@ def test_safetensors_file_loads(tmp_path):
     sd = state("Dinov2WithRegisters (Hibou-style)")
     safetensors.save_file(sd, str(tmp_path / "model.safetensors"))
     x = image("Dinov2WithRegisters (Hibou-style)")
-    m = M.load_backbone(str(tmp_path / "model.safetensors"), num_heads=HEADS)
+    m = W.load_backbone(str(tmp_path / "model.safetensors"), num_heads=HEADS)
     ref = reference_forward(sd, heads=HEADS, x=x, **SMALL["Dinov2WithRegisters (Hibou-style)"])
     torch.testing.assert_close(tokens(m, x)[1], ref[1], atol=1e-5, rtol=1e-5)
 
@@ -378,7 +379,7 @@ def test_missing_safetensors_package_is_named(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors", None)  # import safetensors now fails
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     with pytest.raises(ImportError, match="pip install safetensors"):
-        M.load_backbone(str(tmp_path))
+        W.load_backbone(str(tmp_path))
 
 
 # -- errors -------------------------------------------------------------------------------------------------------
@@ -387,30 +388,30 @@ def test_a_checkpoint_that_is_not_a_vit_says_what_it_holds(tmp_path):
     resnet = {"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.zeros(64), "fc.weight": torch.zeros(9, 64)}
     torch.save(resnet, tmp_path / "resnet.pth")
     with pytest.raises(ValueError, match=r"no ViT backbone.*3 tensors: conv1\.weight \(64, 3, 7, 7\)"):
-        M.load_backbone(str(tmp_path / "resnet.pth"))
+        W.load_backbone(str(tmp_path / "resnet.pth"))
     sd = state("UNI")
     sd["norm_pre.weight"] = torch.ones(D)  # a CLIP-style ViT
     with pytest.raises(ValueError, match=r"pre_norm.*cannot be loaded"):
-        M.load_backbone(sd, num_heads=HEADS)
+        W.load_backbone(sd, num_heads=HEADS)
     sd = state("UNI")
     sd["fc_norm.weight"], sd["fc_norm.bias"] = sd.pop("norm.weight"), sd.pop("norm.bias")  # global_pool="avg"
     with pytest.raises(ValueError, match="global_pool avg"):
-        M.load_backbone(sd, num_heads=HEADS)
+        W.load_backbone(sd, num_heads=HEADS)
     sd = {k.replace("mlp.fc1", "mlp.lin_in"): v for k, v in state("UNI").items()}  # an unknown FFN naming
     with pytest.raises(ValueError, match=r"cannot tell the FFN.*blocks\.0\.mlp\.lin_in\.bias"):
-        M.load_backbone(sd, num_heads=HEADS)
+        W.load_backbone(sd, num_heads=HEADS)
     (tmp_path / "two").mkdir()
     for f in ("a.pth", "b.pth"):
         torch.save(state("UNI"), tmp_path / "two" / f)
     with pytest.raises(ValueError, match="2 weights files"):
-        M.load_backbone(str(tmp_path / "two"))
+        W.load_backbone(str(tmp_path / "two"))
 
 
 def test_a_classification_head_is_dropped_with_a_warning():
     sd = state("UNI")
     sd["head.weight"], sd["head.bias"] = torch.zeros(1000, D), torch.zeros(1000)
     with pytest.warns(UserWarning, match=r"classification head \(head\.weight \(1000, 64\)"):
-        m = M.load_backbone(sd, num_heads=HEADS)
+        m = W.load_backbone(sd, num_heads=HEADS)
     x = image("UNI")
     torch.testing.assert_close(tokens(m, x)[0], reference_forward(sd, heads=HEADS, x=x, **SMALL["UNI"])[0],
                                atol=1e-5, rtol=1e-5)
@@ -453,7 +454,7 @@ def test_training_continues_from_a_timm_or_hf_checkpoint_and_exports_the_hub_lay
     m.load_state_dict(export, strict=True)  # the teacher export is in the DINOv2 hub layout
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(v, ckpt["teacher"]["backbone." + k]) for k, v in export.items())
-    assert not torch.equal(export["blocks.0.attn.qkv.weight"], M.read_checkpoint(init)[0]["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(export["blocks.0.attn.qkv.weight"], W.read_checkpoint(init)[0]["blocks.0.attn.qkv.weight"])
 
 
 def test_model_flags_that_contradict_the_init_checkpoint_fail(tmp_path):

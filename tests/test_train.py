@@ -14,6 +14,7 @@ import augment
 import data
 import loss as L
 import model as M
+import weights as W
 import train
 from conftest import ROOT, tiny_train_args
 
@@ -40,7 +41,7 @@ def test_a_few_steps_run_the_loss_moves_and_the_export_loads(small_store, tmp_pa
     export = torch.load(tmp_path / "teacher_backbone.pth", weights_only=True)
     hub_keys = set(M.ViT(embed_dim=128, depth=2, num_heads=2, img_size=56, num_register_tokens=4).state_dict())
     assert set(export) == hub_keys  # the DINOv2 hub layout, nothing else
-    m = M.load_backbone(str(tmp_path / "teacher_backbone.pth"))
+    m = W.load_backbone(str(tmp_path / "teacher_backbone.pth"))
     teacher = {k[len("backbone."):]: v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")}
     assert all(torch.equal(m.state_dict()[k], teacher[k]) for k in hub_keys)
     assert os.path.exists(tmp_path / "exports" / "teacher_backbone_0000003.pth")
@@ -457,10 +458,10 @@ def test_a_run_writes_a_model_folder_with_its_card_and_export_py_adds_results(sm
     export.main([str(run), "--results", str(tmp_path / "results.json"), "--safetensors"])
     card = (folder / "README.md").read_text()
     assert "| this model |  | 0.500 |" in card and "| 0.625 (2/13) |" in card and "| OpenMidnight (the post) |" in card
-    a, b = M.load_backbone(str(folder / "model.safetensors")), M.load_backbone(str(folder / "pytorch_model.bin"))
+    a, b = W.load_backbone(str(folder / "model.safetensors")), W.load_backbone(str(folder / "pytorch_model.bin"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     # an export written before this change (a config.json of the heads alone) still loads
     (tmp_path / "old").mkdir()
     torch.save(b.state_dict(), tmp_path / "old" / "teacher_backbone.pth")
     (tmp_path / "old" / "config.json").write_text(json.dumps({"num_attention_heads": 2}))
-    assert M.load_backbone(str(tmp_path / "old" / "teacher_backbone.pth")).num_heads == 2
+    assert W.load_backbone(str(tmp_path / "old" / "teacher_backbone.pth")).num_heads == 2
