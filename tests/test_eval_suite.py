@@ -10,6 +10,7 @@ from PIL import Image
 
 import eval_probe as E
 import eval_suite as S
+import tsne as T
 import model as M
 
 pytestmark = pytest.mark.filterwarnings("ignore:no config.json")  # the tiny test ViT's head count is inferred
@@ -207,14 +208,14 @@ def test_affinities_and_gradient_equal_scikit_learns():
     from scipy.spatial.distance import squareform
     x, _ = clusters(30)
     sq = ((x[:, None].astype(np.float64) - x[None]) ** 2).sum(-1)
-    P = S.joint_probabilities(torch.from_numpy(x), 30.0)
+    P = T.joint_probabilities(torch.from_numpy(x), 30.0)
     assert np.allclose(P.numpy(), squareform(tsne_mod._joint_probabilities(sq, 30.0, 0)), rtol=1e-6, atol=0)
     # each point's conditional distribution has entropy log(perplexity) (the binary search's target)
-    cond, _ = S.conditional_probabilities(torch.from_numpy(sq), 30.0)
+    cond, _ = T.conditional_probabilities(torch.from_numpy(sq), 30.0)
     entropy = -(cond * torch.log(cond.clamp_min(1e-300))).sum(1)
     assert torch.allclose(entropy, torch.full_like(entropy, np.log(30.0)), atol=1e-4)
     y = torch.randn(len(x), 2, generator=torch.Generator().manual_seed(0))
-    kl, grad = S.kl_gradient(y, P, chunk=7)  # row blocks must not change the result
+    kl, grad = T.kl_gradient(y, P, chunk=7)  # row blocks must not change the result
     kl_ref, grad_ref = tsne_mod._kl_divergence(y.double().numpy().ravel(), squareform(P.numpy(), checks=False),
                                                1, len(x), 2)
     assert kl == pytest.approx(kl_ref, rel=1e-10) and np.allclose(grad.numpy().ravel(), grad_ref, atol=1e-14)
@@ -224,7 +225,7 @@ def test_tsne_separates_clusters_and_decreases_kl_like_scikit_learn():
     TSNE = pytest.importorskip("sklearn.manifold").TSNE
     torch.set_num_threads(1)
     x, labels = clusters(35)
-    emb, info = S.tsne(torch.from_numpy(x))
+    emb, info = T.tsne(torch.from_numpy(x))
     d = torch.cdist(emb, emb).fill_diagonal_(float("inf"))
     votes = labels[d.topk(5, largest=False).indices.numpy()]
     knn = np.mean([np.bincount(v).argmax() == lab for v, lab in zip(votes, labels)])
@@ -251,5 +252,5 @@ def test_tsne_command_draws_two_models_one_colour_per_class(weights, tmp_path):
     img = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)
     colours, counts = np.unique(img, axis=0, return_counts=True)
     coloured = {tuple(c) for c, n in zip(colours, counts) if len(set(c)) > 1 and n >= 20}  # text/frames are grey
-    assert coloured == set(S.PALETTE[:3])
+    assert coloured == set(T.PALETTE[:3])
     assert json.load(open(tmp_path / "maps" / "tsne.json"))["classes"] == ["a", "b", "c"]
