@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 import augment
 import benchmarks
@@ -328,6 +329,19 @@ def quick_knn(backbone, folder, size=224, device="cpu", seed=0):
     backbone.train(was_training)
     pred = knn_predict(train_x, train_y, test_x, len(classes))
     return {**metrics(pred.numpy(), test_y.numpy(), len(classes)), "n_test": len(test_y)}
+
+
+def training_probe(backbone, args, step, log, baseline=None):
+    """train.py's probe: quick_knn of the teacher's backbone at --probe-size on --probe-data (and, for the demo, of
+    the initial weights beside it), on rank 0 between steps; the result goes to the run's log and one line out."""
+    res = quick_knn(backbone, args.probe_data, args.probe_size, args.device)
+    note = ""
+    if baseline is not None:
+        res["initial_weights"] = quick_knn(baseline.to(args.device), args.probe_data, args.probe_size, args.device)
+        note = f" (the same ViT before training: {res['initial_weights']['balanced_accuracy']:.3f})"
+    log.write({"step": step, "probe": res})
+    tqdm.write(f"step {step}: teacher kNN balanced accuracy {res['balanced_accuracy']:.3f} on {res['n_test']} "
+               f"held-out images of {os.path.relpath(args.probe_data)} at {args.probe_size} px{note}")
 
 
 # -----------------------------------------------------------------------------

@@ -480,21 +480,6 @@ def augment_config(args):
                    mean=augment.NORMS[args.norm][0], std=augment.NORMS[args.norm][1])
 
 
-def reduce_metrics(out, wins, world):
-    """The logged terms as global-batch means (each rank's loss is its local mean), and prototype usage over the
-    logging window: `wins` counts each prototype's teacher argmax wins over every step since the last log line,
-    summed over ranks. One step's count is capped by its teacher crops (16 in the demo, 768 of 131,072 prototypes
-    at OpenMidnight's global batch) and Sinkhorn-Knopp keeps it at that cap, so only a window can show a fall."""
-    vals = torch.stack([out[k].float() for k in out])
-    wins = wins.float()
-    if world > 1:
-        dist.all_reduce(vals)
-        dist.all_reduce(wins)
-    p = wins[wins > 0] / wins.sum()
-    return {**dict(zip(out, (vals / world).tolist())), "prototypes_used": int((wins > 0).sum()),
-            "prototype_entropy": float(-(p * p.log()).sum())}
-
-
 def card_info(st, args):
     """What the model card tells of the run (export.training_info), against the openmidnight preset's recipe."""
     om = parse_args(["--preset", "openmidnight", "--data", "-", "--init", "-", "--device", "cpu"])
@@ -505,20 +490,6 @@ def initial_backbone(args):
     """The student's backbone at step 0, rebuilt from the seed: the demo's 'before training' baseline."""
     torch.manual_seed(args.seed)
     return build_models(args)[1].backbone
-
-
-def run_probe(backbone, args, step, log, baseline=None):
-    """eval_probe's kNN of a backbone at --probe-size, on rank 0 between steps (and, for the demo, of the initial
-    weights beside it)."""
-    res = eval_probe.quick_knn(backbone, args.probe_data, args.probe_size, args.device)
-    note = ""
-    if baseline is not None:
-        res["initial_weights"] = eval_probe.quick_knn(baseline.to(args.device), args.probe_data, args.probe_size,
-                                                      args.device)
-        note = f" (the same ViT before training: {res['initial_weights']['balanced_accuracy']:.3f})"
-    log.write({"step": step, "probe": res})
-    tqdm.write(f"step {step}: teacher kNN balanced accuracy {res['balanced_accuracy']:.3f} on {res['n_test']} "
-               f"held-out images of {os.path.relpath(args.probe_data)} at {args.probe_size} px{note}")
 
 
 def main(argv=None):
@@ -566,7 +537,7 @@ def run(st, store, log, args, rank, world, device):
             step_wins = out.pop("prototype_wins")  # summed over the logging window: one step's count is capped
             wins = step_wins if wins is None else wins + step_wins  # at its number of teacher crops
             if st.step % args.log_every == 0 or st.step == args.steps:  # every rank joins the all-reduce
-                metrics = reduce_metrics(out, wins, world)
+                metrics = rundir.reduce_metrics(out, wins, world)
                 wins = None
                 if master:
                     log.step(metrics, sched, st, args, world, bar)
@@ -577,7 +548,7 @@ def run(st, store, log, args, rank, world, device):
             if master and (st.step % args.export_every == 0 or st.step == args.steps):
                 rundir.export_teacher(st, args, card_info(st, args))
             if master and args.probe_every and st.step % args.probe_every == 0:
-                run_probe(st.teacher.backbone, args, st.step, log)
+                eval_probe.training_probe(st.teacher.backbone, args, st.step, log)
             if st.step % args.checkpoint_every == 0 or st.step == args.steps or stopping:
                 rng = rundir.rng_states(world)
                 if hasattr(st.opt, "consolidate_state_dict"):  # ZeRO-1: every rank sends its shard to rank 0
@@ -591,7 +562,7 @@ def run(st, store, log, args, rank, world, device):
     # again puts them in its model card
     bar.close()
     if master and args.preset == "demo" and st.step == args.steps:
-        run_probe(st.teacher.backbone, args, st.step, log, baseline=initial_backbone(args))
+        eval_probe.training_probe(st.teacher.backbone, args, st.step, log, baseline=initial_backbone(args))
     if master and finished and args.results:
         rundir.export_model(st, args, card_info(st, args))
     if world > 1:
