@@ -1,7 +1,8 @@
 """
-The patch benchmarks as their downloads unpack, with the splits and labels of eva's configs (RECIPE.md §10.2), and any
-image folder or CSV: every loader returns ({split: [(item, label), ...]}, class names); load_splits adds what a probe
-needs (a validation split, two classes or more in each) or stops naming the layout expected.
+The benchmarks as their downloads unpack, with the splits and labels of eva's configs (RECIPE.md §10.2): the patch
+sets, and any image folder or CSV (LOADERS: ({split: [(item, label), ...]}, class names); load_splits adds what a probe
+needs, a validation split and two classes or more in each, or stops naming the layout expected), and the slide-level
+cohorts of eval_slide.py (SLIDE_LOADERS: Camelyon16, PANDA, a CSV of slides).
 """
 import csv
 import glob
@@ -9,7 +10,10 @@ import os
 
 import numpy as np
 
+from slides import slide_id
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+EVA_SEED = 42  # eva's seed of its splits
 
 
 def _images(folder):
@@ -175,6 +179,105 @@ LAYOUTS = {
 }
 LOADERS = {"imagefolder": load_imagefolder, "csv": load_csv, "bach": load_bach, "crc": load_crc, "mhist": load_mhist,
            "breakhis": load_breakhis, "bracs": load_bracs, "gleason": load_gleason, "pcam": load_pcam}
+
+
+# -----------------------------------------------------------------------------
+# the slide-level benchmarks (eval_slide.py): [{"id", "path", "label", "split"}] in eva's order, class names
+
+CAMELYON16_VAL = (  # eva's Camelyon16._val_slides: PatchCamelyon's validation slides
+    [f"normal_{i:03d}" for i in (10, 13, 16, 17, 19, 20, 25, 30, 31, 32, 52, 56, 57, 67, 76, 79, 85, 95, 98, 99, 101,
+                                 102, 105, 106, 109, 129, 132, 137, 142, 143, 148, 152)]
+    + [f"tumor_{i:03d}" for i in (1, 5, 11, 12, 13, 19, 31, 37, 43, 46, 57, 65, 69, 71, 73, 79, 80, 81, 82, 85, 97,
+                                  109)])
+
+
+def _mismatch(what, missing, extra, hint):
+    if missing or extra:
+        raise SystemExit(f"{what}: {len(missing)} missing {sorted(missing)[:20]}, {len(extra)} extra "
+                         f"{sorted(extra)[:20]}; {hint}")
+
+
+def load_camelyon16(root, seed=EVA_SEED):
+    """training/{normal,tumor}/*.tif (label from the name; eva's 54 validation slides), testing/images/*.tif with
+    labels from testing/reference.csv (id, Normal/Tumor); eva's 216 / 54 / 129 slides."""
+    _need(root, "training/normal", "training/tumor", "testing/images", "testing/reference.csv")
+    with open(os.path.join(root, "testing", "reference.csv"), newline="") as f:
+        reference = {r[0]: r[1].lower() for r in csv.reader(f) if r}
+    items = []
+    for path in sorted(glob.glob(os.path.join(root, "training", "*", "*.tif"))):
+        sid = slide_id(path)
+        split = "val" if sid in CAMELYON16_VAL else "train"
+        items.append({"id": sid, "path": path, "label": sid.split("_")[0], "split": split})
+    tests = sorted(glob.glob(os.path.join(root, "testing", "images", "*.tif")))
+    items += [{"id": slide_id(p), "path": p, "label": reference.get(slide_id(p)), "split": "test"} for p in tests]
+    have = {it["id"] for it in items}
+    _mismatch("Camelyon16 validation slides", set(CAMELYON16_VAL) - have, set(),
+              "eva's split needs every one of them")
+    _mismatch("Camelyon16 test images without a row in testing/reference.csv", [],
+              {it["id"] for it in items if it["label"] is None}, "eva labels the test slides from it")
+    bad = [it["id"] for it in items if it["label"] not in ("normal", "tumor")]
+    counts = {s: sum(it["split"] == s for it in items) for s in ("train", "val", "test")}
+    if bad or counts != {"train": 216, "val": 54, "test": 129}:
+        raise SystemExit(f"Camelyon16 under {root}: {counts} slides (eva: 216 / 54 / 129); names that are not "
+                         f"normal_*/tumor_* {bad[:10]}; in reference.csv without an image "
+                         f"{sorted(set(reference) - have)[:10]}")
+    for it in items:
+        it["label"] = ("normal", "tumor").index(it["label"])
+    return items, ["normal", "tumor"]
+
+
+def load_panda(root, seed=EVA_SEED, ratios=(0.1, 0.05, 0.05)):
+    """train_images/*.tiff and train_with_noisy_labels.csv (image_id, isup_grade, noise_ratio_10): eva keeps the
+    slides with noise_ratio_10 != 0 and splits them with its seeded stratified split (PANDASmall's ratios)."""
+    table = os.path.join(root, "train_with_noisy_labels.csv")
+    _need(root, "train_images", "train_with_noisy_labels.csv")
+    with open(table, newline="") as f:
+        rows = {r["image_id"]: r for r in csv.DictReader(f)}
+    on_disk = {slide_id(p): p for p in glob.glob(os.path.join(root, "train_images", "*.tiff"))}
+    kept = sorted((i for i, r in rows.items() if float(r["noise_ratio_10"] or "nan") != 0), key=lambda i: i + ".tiff")
+    _mismatch(f"PANDA slides in {root}/train_images", set(kept) - set(on_disk), set(on_disk) - set(rows),
+              "eva uses all 10,616 images of train_with_noisy_labels.csv (the split depends on every kept one)")
+    labels = [int(rows[i]["isup_grade"]) for i in kept]
+    items = []
+    for split, idx in zip(("train", "val", "test"), stratified_split(labels, ratios, seed)):
+        items += [{"id": kept[i], "path": on_disk[kept[i]], "label": labels[i], "split": split} for i in idx]
+    return items, [str(c) for c in range(6)]
+
+
+def load_slide_csv(path, seed=EVA_SEED, need_files=True):
+    """slide_path,label[,split] (a header row is optional; paths relative to the CSV). Without a split column:
+    eva's seeded stratified 70 / 15 / 15 split; with train (and test) but no val: 20% of train, stratified."""
+    _need(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+    if rows and rows[0][0].strip().lower() in ("slide_path", "path", "slide"):
+        rows = rows[1:]
+    base = os.path.dirname(os.path.abspath(path))
+    items = [{"id": slide_id(r[0]), "path": os.path.join(base, r[0].strip()), "label": r[1].strip(),
+              "split": r[2].strip() if len(r) > 2 and r[2].strip() else None} for r in rows]
+    missing = [it["path"] for it in items if not os.path.exists(it["path"])]
+    if need_files:
+        _mismatch(f"slides listed in {path}", missing, [], "fix the paths (relative to the CSV's folder)")
+    numeric = all(it["label"].lstrip("-").isdigit() for it in items)  # grades sort as numbers
+    names = sorted({it["label"] for it in items}, key=int if numeric else str)
+    for it in items:
+        it["label"] = names.index(it["label"])
+    splits = {it["split"] for it in items}
+    if splits - {"train", "val", "test", None} or (None in splits and len(splits) > 1):
+        raise SystemExit(f"{path}: the split column must be train, val or test on every row, "
+                         f"got {sorted(map(str, splits))}")
+    if splits == {None} or "val" not in splits:
+        pool = [it for it in items if it["split"] in (None, "train")]
+        ratios = (0.7, 0.15, 0.15) if splits == {None} else (0.8, 0.2, 0.0)
+        parts = stratified_split([it["label"] for it in pool], ratios, seed)
+        for split, idx in zip(("train", "val", "test"), parts):
+            for i in idx:
+                pool[i]["split"] = split
+        items = sorted(items, key=lambda it: ("train", "val", "test").index(it["split"]))
+    return items, names
+
+
+SLIDE_LOADERS = {"camelyon16": load_camelyon16, "panda": load_panda, "csv": load_slide_csv}
 
 
 def check_splits(splits, classes, root, layout=None):

@@ -15,9 +15,21 @@ resize and normalisation of eva's reader (slide_reader.py). A killed run rerun w
 finished slides. To use the bags elsewhere:
 
     d = torch.load("EMB/<slide_id>.pt", weights_only=True)   # d["features"] (n, D), d["coords"] (n, 2)
+
+eva's offline MIL protocol (camelyon16_small.yaml, panda_small.yaml), checked against eva's own code: the patches
+of its ForegroundGridSampler (level-0 grid of step int(target_mpp / mpp0 x 224), one seeded shuffle, HSV saturation
+> 20 tissue mask, >= 35% foreground, at most 1000 patches per slide at 0.25 um/px for Camelyon16, 200 at 0.5 um/px
+for PANDA), read from eva's level and resized exactly as its ResizeAndCrop does; then its gated ABMIL head (128-d
+projection and attention, MLP 128-64, no dropout) on -inf-padded bags, AdamW lr 1e-3, batches of 32 slides, lr / 3
+for the first 5 epochs, at most 100 epochs, early stopping after 20 epochs without a strict improvement of
+validation balanced accuracy, the best-validation head scored on the test split, 20 runs. Layouts: Camelyon16 as it
+unpacks (training/{normal,tumor}, testing/images, testing/reference.csv; eva's 216/54/129 split), PANDA
+(train_images/*.tiff, train_with_noisy_labels.csv; eva's noise filter and 955/477/477 split), or a CSV
+slide_path,label[,split] for any cohort; missing or extra slides are listed by name. Differences from eva: features
+are stored in fp16, the forward pass runs in bf16 on a GPU (--dtype float32 is eva's precision), and run r
+initialises and shuffles with seed 42 + r (eva's single global seed cannot be replayed outside Lightning).
 """
 import copy
-import csv
 import glob
 import hashlib
 import json
@@ -37,7 +49,7 @@ import eval_probe
 from cli import Parser, bounded, existing_path, progress
 from files import atomic_write
 from slide_reader import MIN_FOREGROUND, SATURATION, SEED, SlideReader
-from slides import list_slides
+from slides import list_slides, slide_id
 from weights import load_backbone, weights_arg
 
 DATASETS = {"camelyon16": dict(mpp=0.25, max_patches=1000), "panda": dict(mpp=0.5, max_patches=200),
@@ -46,10 +58,6 @@ DATASETS = {"camelyon16": dict(mpp=0.25, max_patches=1000), "panda": dict(mpp=0.
 
 # -----------------------------------------------------------------------------
 # embed: slides -> EMB/<slide_id>.pt, resumable
-
-
-def slide_id(path):
-    return os.path.splitext(os.path.basename(path))[0]  # eva's wsi_id for Camelyon16 and PANDA
 
 
 def weights_sha1(path):
@@ -284,113 +292,6 @@ def fit_abmil(train, val, n_classes, seed, lr=1e-3, weight_decay=0.01, batch_siz
 
 
 # -----------------------------------------------------------------------------
-# datasets: [{"id", "path", "label", "split"}] in eva's order, and the class names
-
-
-CAMELYON16_VAL = (  # eva's Camelyon16._val_slides: PatchCamelyon's validation slides
-    [f"normal_{i:03d}" for i in (10, 13, 16, 17, 19, 20, 25, 30, 31, 32, 52, 56, 57, 67, 76, 79, 85, 95, 98, 99, 101,
-                                 102, 105, 106, 109, 129, 132, 137, 142, 143, 148, 152)]
-    + [f"tumor_{i:03d}" for i in (1, 5, 11, 12, 13, 19, 31, 37, 43, 46, 57, 65, 69, 71, 73, 79, 80, 81, 82, 85, 97,
-                                  109)])
-
-
-def _need(*paths):
-    for p in paths:
-        if not os.path.exists(p):
-            raise SystemExit(f"{p} not found: expected the dataset layout as it unpacks (see eval_slide.py --help)")
-
-
-def _mismatch(what, missing, extra, hint):
-    if missing or extra:
-        raise SystemExit(f"{what}: {len(missing)} missing {sorted(missing)[:20]}, {len(extra)} extra "
-                         f"{sorted(extra)[:20]}; {hint}")
-
-
-def load_camelyon16(root, seed=SEED):
-    """training/{normal,tumor}/*.tif (label from the name; eva's 54 validation slides), testing/images/*.tif with
-    labels from testing/reference.csv (id, Normal/Tumor); eva's 216 / 54 / 129 slides."""
-    _need(*(os.path.join(root, d) for d in ("training/normal", "training/tumor", "testing/images",
-                                            "testing/reference.csv")))
-    with open(os.path.join(root, "testing", "reference.csv"), newline="") as f:
-        reference = {r[0]: r[1].lower() for r in csv.reader(f) if r}
-    items = []
-    for path in sorted(glob.glob(os.path.join(root, "training", "*", "*.tif"))):
-        sid = slide_id(path)
-        split = "val" if sid in CAMELYON16_VAL else "train"
-        items.append({"id": sid, "path": path, "label": sid.split("_")[0], "split": split})
-    tests = sorted(glob.glob(os.path.join(root, "testing", "images", "*.tif")))
-    items += [{"id": slide_id(p), "path": p, "label": reference.get(slide_id(p)), "split": "test"} for p in tests]
-    have = {it["id"] for it in items}
-    _mismatch("Camelyon16 validation slides", set(CAMELYON16_VAL) - have, set(),
-              "eva's split needs every one of them")
-    _mismatch("Camelyon16 test images without a row in testing/reference.csv", [],
-              {it["id"] for it in items if it["label"] is None}, "eva labels the test slides from it")
-    bad = [it["id"] for it in items if it["label"] not in ("normal", "tumor")]
-    counts = {s: sum(it["split"] == s for it in items) for s in ("train", "val", "test")}
-    if bad or counts != {"train": 216, "val": 54, "test": 129}:
-        raise SystemExit(f"Camelyon16 under {root}: {counts} slides (eva: 216 / 54 / 129); names that are not "
-                         f"normal_*/tumor_* {bad[:10]}; in reference.csv without an image "
-                         f"{sorted(set(reference) - have)[:10]}")
-    for it in items:
-        it["label"] = ("normal", "tumor").index(it["label"])
-    return items, ["normal", "tumor"]
-
-
-def load_panda(root, seed=SEED, ratios=(0.1, 0.05, 0.05)):
-    """train_images/*.tiff and train_with_noisy_labels.csv (image_id, isup_grade, noise_ratio_10): eva keeps the
-    slides with noise_ratio_10 != 0 and splits them with its seeded stratified split (PANDASmall's ratios)."""
-    table = os.path.join(root, "train_with_noisy_labels.csv")
-    _need(os.path.join(root, "train_images"), table)
-    with open(table, newline="") as f:
-        rows = {r["image_id"]: r for r in csv.DictReader(f)}
-    on_disk = {slide_id(p): p for p in glob.glob(os.path.join(root, "train_images", "*.tiff"))}
-    kept = sorted((i for i, r in rows.items() if float(r["noise_ratio_10"] or "nan") != 0), key=lambda i: i + ".tiff")
-    _mismatch(f"PANDA slides in {root}/train_images", set(kept) - set(on_disk), set(on_disk) - set(rows),
-              "eva uses all 10,616 images of train_with_noisy_labels.csv (the split depends on every kept one)")
-    labels = [int(rows[i]["isup_grade"]) for i in kept]
-    items = []
-    for split, idx in zip(("train", "val", "test"), benchmarks.stratified_split(labels, ratios, seed)):
-        items += [{"id": kept[i], "path": on_disk[kept[i]], "label": labels[i], "split": split} for i in idx]
-    return items, [str(c) for c in range(6)]
-
-
-def load_slide_csv(path, seed=SEED, need_files=True):
-    """slide_path,label[,split] (a header row is optional; paths relative to the CSV). Without a split column:
-    eva's seeded stratified 70 / 15 / 15 split; with train (and test) but no val: 20% of train, stratified."""
-    _need(path)
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
-    if rows and rows[0][0].strip().lower() in ("slide_path", "path", "slide"):
-        rows = rows[1:]
-    base = os.path.dirname(os.path.abspath(path))
-    items = [{"id": slide_id(r[0]), "path": os.path.join(base, r[0].strip()), "label": r[1].strip(),
-              "split": r[2].strip() if len(r) > 2 and r[2].strip() else None} for r in rows]
-    missing = [it["path"] for it in items if not os.path.exists(it["path"])]
-    if need_files:
-        _mismatch(f"slides listed in {path}", missing, [], "fix the paths (relative to the CSV's folder)")
-    numeric = all(it["label"].lstrip("-").isdigit() for it in items)  # grades sort as numbers
-    names = sorted({it["label"] for it in items}, key=int if numeric else str)
-    for it in items:
-        it["label"] = names.index(it["label"])
-    splits = {it["split"] for it in items}
-    if splits - {"train", "val", "test", None} or (None in splits and len(splits) > 1):
-        raise SystemExit(f"{path}: the split column must be train, val or test on every row, "
-                         f"got {sorted(map(str, splits))}")
-    if splits == {None} or "val" not in splits:
-        pool = [it for it in items if it["split"] in (None, "train")]
-        ratios = (0.7, 0.15, 0.15) if splits == {None} else (0.8, 0.2, 0.0)
-        parts = benchmarks.stratified_split([it["label"] for it in pool], ratios, seed)
-        for split, idx in zip(("train", "val", "test"), parts):
-            for i in idx:
-                pool[i]["split"] = split
-        items = sorted(items, key=lambda it: ("train", "val", "test").index(it["split"]))
-    return items, names
-
-
-LOADERS = {"camelyon16": load_camelyon16, "panda": load_panda, "csv": load_slide_csv}
-
-
-# -----------------------------------------------------------------------------
 # probe: bags -> ABMIL runs -> results JSON
 
 
@@ -492,7 +393,8 @@ def get_args(argv=None):
         q = cmd[name]
         q.add_argument("--data", default=None, type=existing_path,
                        help="dataset root (Camelyon16, PANDA) or the CSV for --dataset csv")
-        q.add_argument("--dataset", default=None, choices=sorted(LOADERS), help="layout of --data (default csv)")
+        q.add_argument("--dataset", default=None, choices=sorted(benchmarks.SLIDE_LOADERS),
+                       help="layout of --data (default csv)")
         q.add_argument("--labels", default=None, type=existing_path,
                        help="slide_path,label[,split] CSV (the same as --dataset csv)")
         q.add_argument("--runs", type=bounded(int, 1), default=20, help="ABMIL heads trained and averaged (eva: 20)")
@@ -527,9 +429,11 @@ def main(argv=None):
         if args.num_shards > 1:
             paths = [s for i, s in enumerate(paths) if i % args.num_shards == args.shard_index]
         return embed_slides(paths, args.out, args)
-    items, classes = LOADERS[args.dataset](args.data, args.seed, **({"need_files": False}
-                                                                     if args.dataset == "csv" and
-                                                                     args.command == "probe" else {}))
+    try:
+        items, classes = benchmarks.SLIDE_LOADERS[args.dataset](
+            args.data, args.seed, **({"need_files": False} if args.dataset == "csv" and args.command == "probe" else {}))
+    except FileNotFoundError as e:
+        raise SystemExit(f"{e}: expected --dataset {args.dataset}'s layout as it unpacks (eval_slide.py's docstring)")
     if args.command == "probe":
         return probe(args.emb, items, classes, args)
     for k, v in DATASETS[args.dataset].items():

@@ -12,6 +12,10 @@ import numpy as np
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 
 
+def slide_id(path):
+    return os.path.splitext(os.path.basename(path))[0]  # eva's wsi_id for Camelyon16 and PANDA
+
+
 def list_slides(path):
     if os.path.isdir(path):
         found = [f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)

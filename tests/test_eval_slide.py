@@ -9,6 +9,7 @@ import openslide
 import pytest
 import torch
 
+import benchmarks as B
 import eval_slide as E
 import model as M
 import slide_reader as R
@@ -121,20 +122,20 @@ def test_camelyon16_layout(tmp_path):
         touch(tmp_path / f"testing/images/test_{i:03d}.tif")
         rows.append(f"test_{i:03d},{'Tumor' if i % 3 == 0 else 'Normal'},Macro,Primary\n")
     (tmp_path / "testing/reference.csv").write_text("".join(rows))
-    items, classes = E.load_camelyon16(str(tmp_path))
+    items, classes = B.load_camelyon16(str(tmp_path))
     by = {s: [it for it in items if it["split"] == s] for s in ("train", "val", "test")}
     assert classes == ["normal", "tumor"] and {s: len(v) for s, v in by.items()} == {"train": 216, "val": 54,
                                                                                      "test": 129}
-    assert [it["id"] for it in by["val"]] == sorted(E.CAMELYON16_VAL)  # eva's sorted file order
+    assert [it["id"] for it in by["val"]] == sorted(B.CAMELYON16_VAL)  # eva's sorted file order
     assert {it["label"] for it in by["val"] if it["id"].startswith("tumor")} == {1}
     assert next(it for it in by["test"] if it["id"] == "test_003")["label"] == 1
     os.remove(tmp_path / "training/tumor/tumor_046.tif")
     with pytest.raises(SystemExit, match="tumor_046"):
-        E.load_camelyon16(str(tmp_path))
+        B.load_camelyon16(str(tmp_path))
     touch(tmp_path / "training/tumor/tumor_046.tif")
     touch(tmp_path / "testing/images/test_200.tif")
     with pytest.raises(SystemExit, match="test_200"):
-        E.load_camelyon16(str(tmp_path))
+        B.load_camelyon16(str(tmp_path))
 
 
 def test_panda_layout_and_eva_split(tmp_path):
@@ -144,34 +145,34 @@ def test_panda_layout_and_eva_split(tmp_path):
         lines.append(f"{i:032x},karolinska,{i % 6},3+3,{int(rng.random() < 0.8)}\n")
         touch(tmp_path / f"train_images/{i:032x}.tiff")
     (tmp_path / "train_with_noisy_labels.csv").write_text("".join(lines))
-    items, classes = E.load_panda(str(tmp_path))
+    items, classes = B.load_panda(str(tmp_path))
     kept = [ln.split(",") for ln in lines[1:] if ln.strip().split(",")[4] != "0"]
     assert classes == list("012345") and {it["id"] for it in items} <= {r[0] for r in kept}
     for c in range(6):  # per class floor(r n) or 1 for train, val, test (PANDASmall: 0.1 / 0.05 / 0.05)
         n = sum(int(r[2]) == c for r in kept)
         got = [sum(it["split"] == s and it["label"] == c for it in items) for s in ("train", "val", "test")]
         assert got == [int(math.floor(r * n)) or 1 for r in (0.1, 0.05, 0.05)]
-    assert items == E.load_panda(str(tmp_path))[0]  # seeded
+    assert items == B.load_panda(str(tmp_path))[0]  # seeded
     missing = kept[0][0]
     os.remove(tmp_path / f"train_images/{missing}.tiff")
     touch(tmp_path / "train_images/not_in_the_csv.tiff")
     with pytest.raises(SystemExit, match=f"{missing}.*not_in_the_csv"):
-        E.load_panda(str(tmp_path))
+        B.load_panda(str(tmp_path))
 
 
 def test_csv_layout(tmp_path):
     for i in range(20):
         touch(tmp_path / f"s{i}.svs")
     (tmp_path / "a.csv").write_text("slide_path,label\n" + "".join(f"s{i}.svs,{'ab'[i % 2]}\n" for i in range(20)))
-    items, classes = E.load_slide_csv(str(tmp_path / "a.csv"))
+    items, classes = B.load_slide_csv(str(tmp_path / "a.csv"))
     assert classes == ["a", "b"] and sorted(it["id"] for it in items) == sorted(f"s{i}" for i in range(20))
     assert [sum(it["split"] == s for it in items) for s in ("train", "val", "test")] == [14, 2, 4]  # 7+1+2 per class
     (tmp_path / "b.csv").write_text("".join(f"s{i}.svs,{i % 2},{'train' if i < 16 else 'test'}\n" for i in range(20)))
-    items, _ = E.load_slide_csv(str(tmp_path / "b.csv"))
+    items, _ = B.load_slide_csv(str(tmp_path / "b.csv"))
     assert [sum(it["split"] == s for it in items) for s in ("train", "val", "test")] == [12, 4, 4]
     (tmp_path / "c.csv").write_text("s1.svs,a\nmissing.svs,b\n")
     with pytest.raises(SystemExit, match="missing.svs"):
-        E.load_slide_csv(str(tmp_path / "c.csv"))
+        B.load_slide_csv(str(tmp_path / "c.csv"))
 
 
 # -- embed: resumable, bad slides reported, and the one-shot contract ----------------------------------------------
