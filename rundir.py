@@ -293,7 +293,7 @@ def reduce_metrics(out, wins, world):
         dist.all_reduce(wins)
     p = wins[wins > 0] / wins.sum()
     return {**dict(zip(out, (vals / world).tolist())), "prototypes_used": int((wins > 0).sum()),
-            "prototype_entropy": float(-(p * p.log()).sum())}
+            "prototype_entropy": float(-(p * p.log()).sum()) + 0.0}  # + 0.0: one prototype gives 0, not -0
 
 
 class MetricsLog:
