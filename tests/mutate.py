@@ -154,10 +154,11 @@ BREAKS = [
      "save_or_stop(ckpt, path, size, st.step)", "[os.remove(f) for f in checkpoint_files(args.out)]\n"
      "    save_or_stop(ckpt, path, size, st.step)", [SAFETY]),
     ("checkpoint: written before the step's export", "train.py",
-     "            if master and (st.step % args.export_every == 0 or st.step == args.steps):\n"
-     "                export_teacher(st, args)\n",
+     "            if master and (st.step % args.export_every == 0 or st.step == args.steps):\n",
      "            if master and (st.step % args.export_every == 0 or st.step == args.steps) and "
-     "not st.step % args.checkpoint_every == 0:\n                export_teacher(st, args)\n", [SAFETY]),
+     "st.step % args.checkpoint_every:\n", [SAFETY]),
+    ("resume: schedules changed silently", "rundir.py", "    if not changed or args.change_schedules:\n        return",
+     "    return", [TRAIN]),
     ("health: prototypes counted per step", "train.py", "wins = step_wins if wins is None else wins + step_wins",
      "wins = step_wins", [TRAIN]),
     # -- the store at scale (data.py) ---------------------------------------------------------------------------
@@ -167,6 +168,11 @@ BREAKS = [
      [DATA]),
     ("loader: one descriptor per tensor in flight", "data.py",
      "return one_storage(batch) if torch.utils.data.get_worker_info() else batch", "return batch", [DATA]),
+    ("store: index columns narrowed to 8 bits", "data.py", "cols[k].append(v.astype(smallest_uint(int(v.max()))))",
+     "cols[k].append(v.astype(np.uint8))", [DATA]),
+    # -- evaluation ------------------------------------------------------------------------------------------------
+    ("suite: exits 0 when a task failed", "eval_suite.py", "    if failed:  # the table is written",
+     "    if False:  # the table is written", ["tests/test_eval_suite.py"]),
 ]
 
 

@@ -180,11 +180,11 @@ def test_sigterm_writes_a_loadable_checkpoint_and_exits_cleanly(small_store, tmp
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + 900  # a margin for a machine whose cores are busy with other work
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err.decode()[-2000:]
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert 2 <= ckpt["step"] < 10_000 and set(ckpt) >= {"student", "teacher", "optimizer", "rng", "args"}
