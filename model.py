@@ -1,7 +1,8 @@
 """
 The backbone and heads of the recipe: a DINOv2-compatible Vision Transformer (DINOv2's ViT-S/B/L/giant2 or any
 width, depth, heads and patch size; optional register tokens, MLP or SwiGLU FFN, LayerScale, stochastic depth) on
-torch's scaled_dot_product_attention, and the DINO/iBOT projection head.
+torch's scaled_dot_product_attention, the DINO/iBOT projection head, and the backbone with its two heads that the
+student and the teacher each are (MetaArch).
 
 Parameter names and shapes are exactly those of Meta's DINOv2 hub checkpoints (no block chunking), so
 `dinov2_vitg14_reg4_pretrain.pth` loads with strict=True and our teacher exports load into DINOv2's own code;
@@ -330,3 +331,26 @@ class DINOHead(nn.Module):
         x = self.mlp(x)
         x = F.normalize(x, dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
         return self.last_layer(x)
+
+
+# -----------------------------------------------------------------------------
+# student and teacher: the backbone and its two heads
+
+
+class MetaArch(nn.Module):
+    """Backbone + DINO head + iBOT head. The student runs forward() on masked global and local crops (under DDP);
+    the teacher runs it on unmasked global crops. The iBOT head sees only the masked patch tokens (the heads run
+    eagerly, so their varying count costs no recompilation; DINOv2 pads them to a static bound for FSDP)."""
+
+    def __init__(self, backbone, dino_head, ibot_head):
+        super().__init__()
+        self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
+
+    def forward(self, global_crops, local_crops=None, masks=None, mask_indices=None):
+        crops = [global_crops] if local_crops is None else [global_crops, local_crops]
+        feats = self.backbone.forward_features(crops, [masks] + [None] * (len(crops) - 1))
+        cls = [f["x_norm_clstoken"] for f in feats]
+        masked = feats[0]["x_norm_patchtokens"].flatten(0, 1)[mask_indices]  # (n_masked, D)
+        dino = self.dino_head(torch.cat(cls))  # one head call for global and local CLS tokens
+        return {"global_cls": cls[0], "dino_global": dino[:len(global_crops)], "dino_local": dino[len(global_crops):],
+                "ibot": self.ibot_head(masked)}

@@ -30,7 +30,7 @@ import export
 import loss as L
 import rundir
 from cli import Parser, bounded, progress
-from model import ARCHS, DINOHead, ViT, autocast
+from model import ARCHS, DINOHead, MetaArch, ViT, autocast
 from weights import checkpoint_problem, load_into, read_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -242,25 +242,6 @@ def schedules(step, args, world_size):
 
 # -----------------------------------------------------------------------------
 # student / teacher
-
-
-class MetaArch(nn.Module):
-    """Backbone + DINO head + iBOT head. The student runs forward() on masked global and local crops (under DDP);
-    the teacher runs it on unmasked global crops. The iBOT head sees only the masked patch tokens (the heads run
-    eagerly, so their varying count costs no recompilation; DINOv2 pads them to a static bound for FSDP)."""
-
-    def __init__(self, backbone, dino_head, ibot_head):
-        super().__init__()
-        self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
-
-    def forward(self, global_crops, local_crops=None, masks=None, mask_indices=None):
-        crops = [global_crops] if local_crops is None else [global_crops, local_crops]
-        feats = self.backbone.forward_features(crops, [masks] + [None] * (len(crops) - 1))
-        cls = [f["x_norm_clstoken"] for f in feats]
-        masked = feats[0]["x_norm_patchtokens"].flatten(0, 1)[mask_indices]  # (n_masked, D)
-        dino = self.dino_head(torch.cat(cls))  # one head call for global and local CLS tokens
-        return {"global_cls": cls[0], "dino_global": dino[:len(global_crops)], "dino_local": dino[len(global_crops):],
-                "ibot": self.ibot_head(masked)}
 
 
 def checkpoint_shape(args):

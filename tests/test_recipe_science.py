@@ -39,8 +39,8 @@ def tiny_models(n_prototypes=32):
     torch.manual_seed(0)
     vit = M.ViT(embed_dim=32, depth=2, num_heads=2, patch_size=7, img_size=28, num_register_tokens=1,
                 layerscale_init=1.0)
-    student = train.MetaArch(vit, M.DINOHead(32, n_prototypes, 24, 16), M.DINOHead(32, n_prototypes, 24, 12))
-    teacher = train.MetaArch(M.ViT(embed_dim=32, depth=2, num_heads=2, patch_size=7, img_size=28,
+    student = M.MetaArch(vit, M.DINOHead(32, n_prototypes, 24, 16), M.DINOHead(32, n_prototypes, 24, 12))
+    teacher = M.MetaArch(M.ViT(embed_dim=32, depth=2, num_heads=2, patch_size=7, img_size=28,
                                    num_register_tokens=1), M.DINOHead(32, n_prototypes, 24, 16),
                              M.DINOHead(32, n_prototypes, 24, 12))
     teacher.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in student.state_dict().items()})
