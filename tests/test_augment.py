@@ -9,6 +9,7 @@ import numpy as np
 import openslide
 import pytest
 import torch
+from pathlib import Path
 from skimage.color import hed2rgb, rgb2hed
 
 import augment as A
@@ -212,7 +213,7 @@ def test_no_torchvision_or_other_banned_import_at_run_time():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
     for f in os.listdir(ROOT):
         if f.endswith(".py"):
-            src = open(os.path.join(ROOT, f)).read()
+            src = Path(os.path.join(ROOT, f)).read_text()
             assert "import torchvision" not in src and "from torchvision" not in src, f
 
 

@@ -18,6 +18,7 @@ import torch
 import data
 import prepare_patches as P
 import slides
+from pathlib import Path
 from conftest import ROOT, SAMPLE_SLIDE
 
 TISSUE = (200, 100, 180)  # an eosin-pink: hue 312 deg (OpenCV H 156), S 127, V 200: passes the HSV rule
@@ -116,7 +117,7 @@ def test_mpp_mode_reads_the_nearest_finer_level_and_resizes(tmp_path):
     got = {(store.meta(i)["mpp"], store.meta(i)["level"], store.meta(i)["size"]) for i in range(len(store))}
     # 0.5 -> level 0 as is; 0.75 -> level 0, 336 px resized; 2.0 -> level 2; 0.25 is finer than the scan
     assert got == {(0.5, 0, 224), (0.75, 0, 336), (2.0, 2, 224)}
-    report = json.load(open(tmp_path / "st" / "report.json"))
+    report = json.loads((tmp_path / "st" / "report.json").read_text())
     assert any("finer than the scan" in p for p in report[0]["problems"])
     i = next(i for i in range(len(store)) if store.meta(i)["size"] == 336)
     m = store.meta(i)
@@ -137,7 +138,7 @@ def test_bad_inputs_are_skipped_and_reported(tmp_path):
     write_pyramid(d / "tiny.tiff", size=100, tissue_from_x=0, levels=1)  # smaller than a patch
     write_pyramid(d / "nompp.tiff", mpp=None, levels=1)
     assert run_prepare(d, "--out", tmp_path / "st", "--patches-per-level", 5) == 0
-    report = {os.path.basename(r["slide"]): r for r in json.load(open(tmp_path / "st" / "report.json"))}
+    report = {os.path.basename(r["slide"]): r for r in json.loads((tmp_path / "st" / "report.json").read_text())}
     assert len(report) == 7
     ok = {k for k, r in report.items() if r["status"] == "ok"}
     assert ok >= {"good.svs", "nompp.tiff"} and report["good.svs"]["n_patches"] == 5
@@ -146,7 +147,7 @@ def test_bad_inputs_are_skipped_and_reported(tmp_path):
     assert len(data.PatchStore(str(tmp_path / "st"))) == sum(r["n_patches"] for r in report.values())
     # mpp mode: the slide without mpp is skipped and says why; nothing at all -> non-zero exit
     run_prepare(d, "--out", tmp_path / "mpp", "--patches-per-level", 2, "--mpp", 0.5)
-    rep = {os.path.basename(r["slide"]): r for r in json.load(open(tmp_path / "mpp" / "report.json"))}
+    rep = {os.path.basename(r["slide"]): r for r in json.loads((tmp_path / "mpp" / "report.json").read_text())}
     assert rep["nompp.tiff"]["status"] == "skipped" and "no mpp metadata" in rep["nompp.tiff"]["reason"]
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
@@ -155,8 +156,8 @@ def test_bad_inputs_are_skipped_and_reported(tmp_path):
 
 
 def store_bytes(root):
-    manifest = json.load(open(os.path.join(root, "manifest.json")))
-    return manifest["shards"], [open(os.path.join(root, "shards", s["key"] + ".bin"), "rb").read()
+    manifest = json.loads(Path(os.path.join(root, "manifest.json")).read_text())
+    return manifest["shards"], [Path(os.path.join(root, "shards", s["key"] + ".bin")).read_bytes()
                                 for s in manifest["shards"]]
 
 
@@ -207,7 +208,7 @@ def test_split_over_machines_then_merge(tmp_path):
     assert P.main(["--merge", "--out", str(tmp_path / "parts")]) == 0
     assert store_bytes(tmp_path / "parts") == store_bytes(tmp_path / "whole")
     outcome = lambda root: [(r["key"], r["status"], r["n_patches"])  # noqa: E731
-                            for r in json.load(open(os.path.join(root, "report.json")))]
+                            for r in json.loads(Path(os.path.join(root, "report.json")).read_text())]
     assert outcome(tmp_path / "parts") == outcome(tmp_path / "whole")  # the parts' reports, combined
     assert data.PatchStore(str(tmp_path / "parts")).meta(5) == data.PatchStore(str(tmp_path / "whole")).meta(5)
     # or parts written to separate stores (separate machines), merged into a new one
@@ -232,7 +233,7 @@ def test_truncated_shard_is_refused(tmp_path):
 
 def patches_from_the_shard_files(root):
     """Every patch's bytes and metadata read straight from the shard files, without data.py."""
-    manifest = json.load(open(os.path.join(root, "manifest.json")))
+    manifest = json.loads(Path(os.path.join(root, "manifest.json")).read_text())
     out = []
     for shard in manifest["shards"]:
         base = os.path.join(root, "shards", shard["key"])
@@ -376,10 +377,11 @@ def test_the_index_of_a_killed_build_or_another_manifest_is_never_trusted(tmp_pa
                                           for i in range(len(expected)))))] == expected
     # an index built from another manifest (a store re-merged or resumed since) is rebuilt, not used
     manifest = os.path.join(root, "manifest.json")
-    info = json.load(open(os.path.join(root, "index.json")))
-    open(manifest, "a").write("\n")
+    info = json.loads(Path(os.path.join(root, "index.json")).read_text())
+    with open(manifest, "a") as f:
+        f.write("\n")
     store = data.PatchStore(root)
-    assert json.load(open(os.path.join(root, "index.json")))["manifest_sha1"] != info["manifest_sha1"]
+    assert json.loads(Path(os.path.join(root, "index.json")).read_text())["manifest_sha1"] != info["manifest_sha1"]
     assert [(store.read_bytes(i), store.meta(i)) for i in range(len(store))] == expected
     # an index.npy cut short under a current index.json: rebuilt too
     with open(os.path.join(root, "index.npy"), "r+b") as f:

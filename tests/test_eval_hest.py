@@ -231,7 +231,7 @@ def test_main_on_a_tiny_hest_tree(tmp_path, capsys):
     res = H.main(args)
     assert "lacks the task folders ['PRAD', 'PAAD', 'SKCM', 'COAD', 'READ', 'CCRCC', 'LYMPH_IDC']" in \
         capsys.readouterr().out
-    saved = json.load(open(tmp_path / "r.json"))
+    saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["headline"]["metric"] == "pearson" and set(saved["pearson"]["tasks"]) == {"IDC", "LUNG"}
     task = saved["pearson"]["tasks"]["IDC"]
     assert len(task["fold_means"]) == 2 and set(task["genes"]) == {f"GENE{i}" for i in range(6)}

@@ -139,7 +139,7 @@ def test_cli_end_to_end_with_cache_and_corrupt_image(image_folder, hub_weights, 
             "--max-steps", "60", "--out", str(tmp_path / "r.json"), "--cache-dir", str(tmp_path / "cache"),
             "--workers", "0", "--few-shot", "3", "--few-shot-draws", "2"]
     res = E.main(argv)
-    saved = json.load(open(tmp_path / "r.json"))
+    saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["settings"]["reported_split"] == "test" and saved["settings"]["classes"] == ["blue", "red"]
     for method in ("linear", "knn", "few_shot_3"):
         assert 0 <= saved[method]["balanced_accuracy"] <= 1
@@ -234,8 +234,8 @@ def test_results_of_two_runs_settings_or_actions_never_overwrite_each_other(imag
     assert len(files) == 3 and all(f.startswith("runs/eval/imagefolder/") for f in files)
     assert [f.split("/")[-1].rsplit("_", 1)[0] for f in files] == [
         "run_a_teacher_backbone_knn", "run_a_teacher_backbone_pca", "run_b_teacher_backbone_knn"], files
-    saved = {json.load(open(tmp_path / f))["settings"]["weights"]: json.load(open(tmp_path / f)) for f in files
-             if "knn" in f}
+    saved = [json.loads((tmp_path / f).read_text()) for f in files if "knn" in f]
+    saved = {r["settings"]["weights"]: r for r in saved}
     assert saved["run_a/teacher_backbone.pth"]["knn"] == a["knn"] and saved["run_b/teacher_backbone.pth"]["knn"] == \
         b["knn"] and "headline" not in pca
     assert "no probe (--no-linear without --knn or --few-shot); PCA map maps.png" in capsys.readouterr().out
@@ -245,7 +245,7 @@ def test_results_of_two_runs_settings_or_actions_never_overwrite_each_other(imag
                                          r"run_a/teacher_backbone.pth' -> '.*run_b/teacher_backbone.pth'\).*--force"):
         E.main(["--weights", "run_b/teacher_backbone.pth", *common, *probe, *out])
     E.main(["--weights", "run_b/teacher_backbone.pth", *common, *probe, *out, "--force"])
-    assert json.load(open(tmp_path / "mine.json"))["knn"] == b["knn"]
+    assert json.loads((tmp_path / "mine.json").read_text())["knn"] == b["knn"]
 
 
 def test_layout_errors_name_the_expected_layout_and_bad_paths_one_line(hub_weights, tmp_path, capsys):

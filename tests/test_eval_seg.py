@@ -351,7 +351,7 @@ def test_main_consep_end_to_end(tmp_path, tiny_weights, capsys):
     args = ["--weights", tiny_weights, "--data", root, "--dataset", "consep", "--runs", "2", "--steps", "3",
             "--batch-size", "2", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--size", "56"]
     res = S.main(args + ["--out", str(tmp_path / "r.json")])
-    on_disk = json.load(open(tmp_path / "r.json"))
+    on_disk = json.loads((tmp_path / "r.json").read_text())
     runs = on_disk["decoder"]["runs"]
     # 3 tiles at batch 2: an epoch is 2 steps; step 3 starts a second epoch that is cut short and not validated
     assert [(r["steps"], r["epochs"], len(r["val_dice_per_epoch"])) for r in runs] == [(3, 1, 1)] * 2

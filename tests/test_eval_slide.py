@@ -8,6 +8,7 @@ import numpy as np
 import openslide
 import pytest
 import torch
+from pathlib import Path
 
 import benchmarks as B
 import eval_slide as E
@@ -228,7 +229,7 @@ def test_bad_slides_are_skipped_with_a_reason(tmp_path, tiny_weights):
     assert set(reasons) == {"blank", "nompp", "tiny", "garbage"}
     assert "no tissue" in reasons["blank"] and "mpp" in reasons["nompp"] and "smaller than a patch" in reasons["tiny"]
     assert "OpenSlide" in reasons["garbage"]
-    saved = json.load(open(tmp_path / "emb" / "report.json"))
+    saved = json.loads((tmp_path / "emb" / "report.json").read_text())
     assert {r["slide_id"] for r in saved} == set(report) and sorted(os.listdir(tmp_path / "emb")) == [
         "good.pt", "manifest.csv", "report.json"]
 
@@ -249,7 +250,7 @@ def test_one_shot_contract_embeds_then_probes(tmp_path, tiny_weights):
     res = E.main(argv)
     assert set(res["headline"]) == {"metric", "value", "std", "method", "split"} and res["headline"]["split"] == "test"
     assert len(res["abmil"]["runs"]) == 2 and res["settings"]["n"] == {"train": 6, "val": 3, "test": 3}
-    assert json.load(open(out))["headline"] == res["headline"]
+    assert json.loads(Path(out).read_text())["headline"] == res["headline"]
     caches = os.listdir(tmp_path / "res" / "slide_embeddings")
     assert len(caches) == 1 and caches[0].startswith("csv-")
     assert len(E.main(argv + ["--runs", "1", "--force"])["abmil"]["runs"]) == 1  # a rerun reuses the cache

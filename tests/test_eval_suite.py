@@ -80,7 +80,7 @@ def test_results_table_runs_present_tasks_resumes_and_reports_failures(weights, 
             "--tasks", "pcam10", "bach", "bracs", "camelyon16", "consep"]
     with pytest.raises(SystemExit, match=r"^1 of 4 tasks failed \(consep\): their errors are in .*results.md"):
         S.main(argv)  # the table is written, and the exit status says a task failed
-    summary = json.load(open(out / "results.json"))
+    summary = json.loads((out / "results.json").read_text())
     assert calls == ["pcam10", "bach", "camelyon16", "consep"]  # bracs/ is absent: skipped, not run
     status = {k: r["status"] for k, r in summary["tasks"].items()}
     assert status == {**dict.fromkeys(S.KEYS, "absent"), "pcam10": "ok", "bach": "ok", "pcam": "skipped",
@@ -94,7 +94,7 @@ def test_results_table_runs_present_tasks_resumes_and_reports_failures(weights, 
     assert run["epochs"] % 10 == 0 and run["epochs"] >= 1260
     assert summary["tasks"]["bach"]["results"]["headline"]["method"] == "linear"
 
-    saved = json.load(open(out / "results.json"))
+    saved = json.loads((out / "results.json").read_text())
     assert "decoder exploded" in saved["tasks"]["consep"]["error"]
     assert saved["row"]["camelyon16"] == 0.75 and os.path.exists(out / "tsne_bach.png")
 
@@ -253,4 +253,4 @@ def test_tsne_command_draws_two_models_one_colour_per_class(weights, tmp_path):
     colours, counts = np.unique(img, axis=0, return_counts=True)
     coloured = {tuple(c) for c, n in zip(colours, counts) if len(set(c)) > 1 and n >= 20}  # text/frames are grey
     assert coloured == set(T.PALETTE[:3])
-    assert json.load(open(tmp_path / "maps" / "tsne.json"))["classes"] == ["a", "b", "c"]
+    assert json.loads((tmp_path / "maps" / "tsne.json").read_text())["classes"] == ["a", "b", "c"]

@@ -297,7 +297,7 @@ def test_model_folder_is_what_timm_reads_and_converts_to_the_same_model(tmp_path
               num_register_tokens=regs, ffn=ffn, layerscale_init=0.5)
     sd = m.state_dict()
     export.write_model_folder(str(tmp_path), sd, W.infer_config(sd, HEADS), "half")
-    config = json.load(open(tmp_path / "config.json"))
+    config = json.loads((tmp_path / "config.json").read_text())
     assert set(config) <= TIMM_CONFIG_KEYS and set(config["pretrained_cfg"]) <= TIMM_PRETRAINED_CFG
     assert set(config["model_args"]) <= TIMM_VIT_ARGS and config["num_classes"] == 0
     width, _, _, arch_ffn, arch_regs = TIMM_DINOV2[config["architecture"]]

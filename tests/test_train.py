@@ -16,6 +16,7 @@ import loss as L
 import model as M
 import weights as W
 import train
+from pathlib import Path
 from conftest import ROOT, tiny_train_args
 
 
@@ -220,7 +221,7 @@ def test_patch_size_16_trains_with_a_4x4_mask_grid(small_store, tmp_path):
     train.main(argv)
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["ibot"]) for r in rows)
-    args = json.load(open(tmp_path / "run" / "args.json"))
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
     assert args["patch_size"] == 16 and args["registers"] == 0  # taken from the checkpoint
     cfg = augment.AugmentConfig(global_size=64, local_size=32)
     loader = data.make_loader(data.PatchStore(small_store), 2, cfg, workers=0, on_device=True, patch_size=16)
@@ -371,7 +372,7 @@ def wandb_offline_run(run_dir):
 
     from wandb.proto import wandb_internal_pb2 as pb
     (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     pos, pending, run_id, config, rows = 7, b"", None, {}, []
     while pos + 7 <= len(data):
         left = 32768 - pos % 32768
@@ -418,7 +419,7 @@ def test_wandb_gets_the_metrics_records_and_a_resumed_run_continues_its_run(smal
         rid, config, rows = wandb_offline_run(d)
         assert rid == run_id and config["batch_size"] == 4 and config["wandb"] == "nanopath-test"
         logged += rows
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["_step"] for r in logged] == [1, 2, 3, 4, 5]
     by_step = {}
     for r in records:  # the metrics line and the probe line of one step are one W&B row
@@ -443,7 +444,8 @@ def test_a_run_writes_a_model_folder_with_its_card_and_export_py_adds_results(sm
     folder = run / "model"
     assert sorted(os.listdir(folder)) == ["README.md", "config.json", "pytorch_model.bin", "training.json"]
     assert os.path.samefile(folder / "pytorch_model.bin", run / "teacher_backbone.pth")  # a hard link: no copy
-    assert json.load(open(run / "config.json")) == json.load(open(folder / "config.json"))  # timm's, everywhere
+    config = json.loads((folder / "config.json").read_text())
+    assert json.loads((run / "config.json").read_text()) == config  # timm's, everywhere
     card = (folder / "README.md").read_text()
     # the settings that differ from the openmidnight preset's, its data from the store's manifest, its arguments
     om = train.parse_args(["--preset", "openmidnight", "--data", "-", "--init", "-", "--device", "cpu"])
